@@ -1,0 +1,141 @@
+"""The folded inference graph: the one model definition every backend exports.
+
+An ordinary Llama-style decoder: no triangular solves, static shapes, a static KV cache written at explicit
+positions, RoPE tables precomputed, no data-dependent Python control flow. The PIT interface is a `layout`:
+
+    untied    embedding = E[t]                       head = h @ W_head^T          (E, W_head: V x d each)
+    shared-z  embedding = Z[t] @ T^-1                head = (h @ diag(g) T) @ Z^T (one V x d table + 2 d x d)
+    shared-e  embedding = E[t]                       head = (h @ diag(g) T^2) @ E^T
+
+`unembed(h)` is the head without the final-norm gain (h T Z^T): the round-trip probe, head(h / g).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pit_export.models.pit import ModelConfig, apply_rope, rms_norm, rope_tables
+
+LAYOUTS = ("untied", "shared-z", "shared-e")
+
+
+@dataclass
+class FoldedWeights:
+    """Everything the inference graph needs; produced by fold.fold(), stored by fold.save_folded()."""
+
+    cfg: ModelConfig
+    layout: str
+    tensors: dict[str, torch.Tensor]  # body (layers.*) + layout tables, fp32
+    meta: dict = field(default_factory=dict)
+
+
+class CachedAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        hd = cfg.head_dim
+        self.n_heads, self.n_kv, self.hd = cfg.n_heads, cfg.n_kv_heads, hd
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * hd, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * hd, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * hd, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * hd, cfg.dim, bias=False)
+        shape = (1, cfg.n_kv_heads, cfg.max_seq_len, hd)
+        self.register_buffer("k_cache", torch.zeros(shape), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape), persistent=False)
+
+    def forward(self, x, cos, sin, input_pos, mask):
+        b, s, _ = x.shape
+        q = apply_rope(self.wq(x).view(b, s, self.n_heads, self.hd).transpose(1, 2), cos, sin)
+        k = apply_rope(self.wk(x).view(b, s, self.n_kv, self.hd).transpose(1, 2), cos, sin)
+        v = self.wv(x).view(b, s, self.n_kv, self.hd).transpose(1, 2)
+        self.k_cache.index_copy_(2, input_pos, k)
+        self.v_cache.index_copy_(2, input_pos, v)
+        rep = self.n_heads // self.n_kv
+        keys = self.k_cache.repeat_interleave(rep, dim=1)
+        values = self.v_cache.repeat_interleave(rep, dim=1)
+        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        return self.wo(y.transpose(1, 2).reshape(b, s, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.w1 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.w3 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.w2 = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.eps = cfg.norm_eps
+        self.attention_norm = nn.Parameter(torch.ones(cfg.dim))
+        self.attention = CachedAttention(cfg)
+        self.ffn_norm = nn.Parameter(torch.ones(cfg.dim))
+        self.feed_forward = FeedForward(cfg)
+
+    def forward(self, x, cos, sin, input_pos, mask):
+        x = x + self.attention(rms_norm(x, self.eps) * self.attention_norm, cos, sin, input_pos, mask)
+        return x + self.feed_forward(rms_norm(x, self.eps) * self.ffn_norm)
+
+
+class Decoder(nn.Module):
+    """forward(tokens [1, n], input_pos [n]) -> logits [1, n, V]; prefill is n > 1, decode is n = 1."""
+
+    def __init__(self, fw: FoldedWeights):
+        super().__init__()
+        cfg, self.cfg, self.layout = fw.cfg, fw.cfg, fw.layout
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        d, V = cfg.dim, cfg.vocab_size
+        if fw.layout == "untied":
+            self.tok_embeddings = nn.Embedding(V, d)
+            self.output = nn.Linear(d, V, bias=False)
+        else:  # one table read by both the gather and the head
+            self.table = nn.Embedding(V, d)
+            self.head_proj = nn.Linear(d, d, bias=False)
+            if fw.layout == "shared-z":
+                self.embed_proj = nn.Linear(d, d, bias=False)
+        self.register_buffer("inv_gain", torch.ones(d))  # 1/g: lets unembed() drop the folded final-norm gain
+        cos, sin = rope_tables(cfg)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.register_buffer("positions", torch.arange(cfg.max_seq_len), persistent=False)
+        missing, unexpected = self.load_state_dict(fw.tensors, strict=False)
+        missing = [m for m in missing if "cache" not in m and not m.startswith(("rope_", "positions"))]
+        if missing or unexpected:
+            raise KeyError(f"folded weights do not fit layout {fw.layout}: missing {missing} unexpected {unexpected}")
+        self.eval().requires_grad_(False)
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.layout == "untied":
+            return self.tok_embeddings(tokens)
+        x = self.table(tokens)
+        return self.embed_proj(x) if self.layout == "shared-z" else x
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits from the final-normed (gain-free) hidden state; the gain is folded into the weights."""
+        if self.layout == "untied":
+            return self.output(h)
+        return F.linear(self.head_proj(h), self.table.weight)
+
+    def unembed(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.head(hidden * self.inv_gain)
+
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        x = self.embed(tokens)
+        cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]
+        mask = self.positions[None, :] <= input_pos[:, None]  # [n, max_seq_len]: causal over the cache
+        for layer in self.layers:
+            x = layer(x, cos, sin, input_pos, mask)
+        return self.head(rms_norm(x, self.cfg.norm_eps))
+
+    def reset_cache(self) -> None:
+        for layer in self.layers:
+            layer.attention.k_cache.zero_()
+            layer.attention.v_cache.zero_()

@@ -1,0 +1,125 @@
+"""Targets and the export driver: fold -> backend export -> manifest, written atomically.
+
+A backend module `pit_export.export.<backend>` provides
+
+    export(fw: FoldedWeights, scheme: Scheme, out: Path, ckpt: Checkpoint, progress) -> dict
+
+which writes its files into `out` (a temporary folder) and returns extra metadata for pit_export.json.
+The matching Session lives in `pit_export.runtimes.<module>` and is registered under the same backend name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import platform
+from dataclasses import asdict, dataclass
+from importlib import metadata
+from pathlib import Path
+
+from pit_export.errors import BadInput, Unavailable
+from pit_export.fold import fold
+from pit_export.models.checkpoint import CONFIG, TOKENIZER, Checkpoint, atomic_dir
+from pit_export.quantize import get_scheme
+
+META = "pit_export.json"
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    backend: str
+    scheme: str  # default quantization scheme
+    layout: str  # default PIT layout
+    description: str
+
+
+TARGETS: dict[str, Target] = {
+    t.name: t
+    for t in (
+        Target("android", "executorch", "8da4w", "untied", "ExecuTorch .pte lowered to XNNPACK (Android / ARM CPUs)"),
+        Target("onnx-cpu", "onnx", "int4", "shared-z", "ONNX Runtime CPU / mobile, onnxruntime-genai folder"),
+        Target("ios", "coreml", "int4", "shared-z", "CoreML .mlpackage (iOS 18+)"),
+    )
+}
+
+TOOL_PACKAGES = ("torch", "executorch", "torchao", "onnx", "onnxruntime", "onnxruntime-genai", "coremltools")
+
+
+def tool_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for p in TOOL_PACKAGES:
+        try:
+            out[p] = metadata.version(p)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def file_manifest(folder: Path) -> dict[str, dict]:
+    files = {}
+    for f in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != META):
+        h = hashlib.sha256()
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+        files[f.relative_to(folder).as_posix()] = {"bytes": f.stat().st_size, "sha256": h.hexdigest()}
+    return files
+
+
+def export_artifact(
+    ckpt: Checkpoint,
+    target: str,
+    out: Path,
+    scheme: str | None = None,
+    layout: str | None = None,
+    embedding_bits: int | None = None,
+    progress=lambda msg: None,
+    check=None,
+) -> dict:
+    """Fold, export and write pit_export.json; returns the manifest.
+
+    `check(folder) -> dict` runs on the finished temporary folder (validation); its result lands in the manifest.
+    If it raises (a failed gate), nothing is written: `out` appears only complete and checked."""
+    if target not in TARGETS:
+        raise BadInput(f"unknown target {target!r} (choose from {', '.join(TARGETS)})")
+    t = TARGETS[target]
+    sch = get_scheme(scheme or t.scheme, embedding_bits)
+    layout = layout or t.layout
+    try:
+        backend = importlib.import_module(f"{__name__}.{t.backend}")
+    except ModuleNotFoundError as e:
+        raise Unavailable(f"target {target}: backend {t.backend} is not available here ({e})") from None
+    progress(f"fold ({layout})")
+    fw, fold_report = fold(ckpt, layout)
+    manifest: dict = {}
+
+    def write(tmp: Path):
+        extra = backend.export(fw, sch, tmp, ckpt, progress)
+        ckpt.tokenizer.save(str(tmp / TOKENIZER))
+        (tmp / CONFIG).write_text(ckpt.config.to_json())
+        manifest.update(
+            {
+                "backend": t.backend,
+                "target": target,
+                "scheme": sch.name,
+                "layout": layout,
+                "source": {"path": str(ckpt.path), "sha256": _sha(ckpt.path / "model.safetensors")},
+                "fold_report": asdict(fold_report),
+                "tools": tool_versions(),
+                **extra,
+            }
+        )
+        manifest["files"] = file_manifest(tmp)
+        (tmp / META).write_text(json.dumps(manifest, indent=2))
+        if check is not None:
+            manifest["validation"] = check(tmp)
+            (tmp / META).write_text(json.dumps(manifest, indent=2))
+
+    atomic_dir(out, write)
+    return manifest
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()

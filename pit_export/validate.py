@@ -1,0 +1,184 @@
+"""Validation: compare any Session with the training graph, through the session's own entry points only.
+
+Metrics (all computed in float64 from the sessions' outputs):
+  logits      max |delta|, cosine (min, mean), KL(ref || art) mean and p99 per position, top-1 agreement,
+              perplexity of both on held-out text and their ratio
+  generation  greedy agreement: length of the common prefix of N greedy tokens / N
+  interface   W = unembed(I_d), E = embed(0..V-1): max and Frobenius of W E - (W E)_ref  ((W E)_ref = I_d for PIT);
+              token round trip unembed(embed(t)) vs the reference z_t Z^T: max |delta|, argmax agreement
+Gates are data: a scheme name maps to {metric: (op, threshold)}.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from pit_export.runtimes.base import Session, greedy_generate
+
+# Acceptance gates per quantization scheme. fp32 parity is exact up to op-ordering; quantized schemes are gated on
+# what users feel (perplexity) and the metrics above are reported alongside.
+GATES: dict[str, dict[str, tuple[str, float]]] = {
+    "fp32": {
+        "max_abs_logit": ("<=", 1e-4),
+        "top1": (">=", 1.0),
+        "greedy_agree": (">=", 1.0),
+        "interface_err_max": ("<=", 1e-5),
+    },
+    "fp16": {"ppl_ratio": ("<=", 1.005), "top1": (">=", 0.98)},
+    "int8": {"ppl_ratio": ("<=", 1.005)},
+    "8da4w": {"ppl_ratio": ("<=", 1.03)},
+    "int4": {"ppl_ratio": ("<=", 1.03)},
+}
+OPS: dict[str, Callable[[float, float], bool]] = {"<=": lambda v, t: v <= t, ">=": lambda v, t: v >= t}
+
+
+@dataclass
+class ValidateConfig:
+    n_windows: int = 8  # held-out windows for logits/perplexity
+    window_len: int | None = None  # default: the model's max_seq_len
+    n_greedy: int = 64
+    prompt_len: int = 32
+    round_trip_chunk: int = 512
+
+
+@dataclass
+class GateResult:
+    metric: str
+    op: str
+    threshold: float
+    value: float | None
+    passed: bool
+
+
+@dataclass
+class ValidationResult:
+    session: str
+    scheme: str
+    metrics: dict[str, float]
+    gates: list[GateResult] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(g.passed for g in self.gates)
+
+    def failures(self) -> list[GateResult]:
+        return [g for g in self.gates if not g.passed]
+
+    def to_dict(self) -> dict:
+        return {
+            "session": self.session,
+            "scheme": self.scheme,
+            "passed": self.passed,
+            "metrics": self.metrics,
+            "gates": [asdict(g) for g in self.gates],
+        }
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def logits_metrics(ref: np.ndarray, art: np.ndarray, targets: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-position arrays for one window: ref/art [n, V] float64, targets [n-1] (next tokens)."""
+    lr, la = log_softmax(ref), log_softmax(art)
+    cos = (ref * art).sum(-1) / (np.linalg.norm(ref, axis=-1) * np.linalg.norm(art, axis=-1) + 1e-300)
+    idx = np.arange(len(targets))
+    return {
+        "abs": np.abs(ref - art).max(-1),
+        "cos": cos,
+        "kl": (np.exp(lr) * (lr - la)).sum(-1),
+        "top1": (ref.argmax(-1) == art.argmax(-1)).astype(np.float64),
+        "nll_ref": -lr[idx, targets],
+        "nll_art": -la[idx, targets],
+    }
+
+
+def compare_logits(ref: Session, art: Session, windows: np.ndarray, progress=None) -> dict[str, float]:
+    acc: dict[str, list[np.ndarray]] = {}
+    for w in windows:
+        ref.reset()
+        art.reset()
+        r = ref.prefill(w, 0).astype(np.float64)
+        a = art.prefill(w, 0).astype(np.float64)
+        for k, v in logits_metrics(r, a, w[1:]).items():
+            acc.setdefault(k, []).append(v)
+        if progress:
+            progress()
+    m = {k: np.concatenate(v) for k, v in acc.items()}
+    nll_ref, nll_art = m["nll_ref"].mean(), m["nll_art"].mean()
+    return {
+        "max_abs_logit": float(m["abs"].max()),
+        "cosine_min": float(m["cos"].min()),
+        "cosine_mean": float(m["cos"].mean()),
+        "kl_mean": float(m["kl"].mean()),
+        "kl_p99": float(np.percentile(m["kl"], 99)),
+        "top1": float(m["top1"].mean()),
+        "ppl_ref": float(np.exp(nll_ref)),
+        "ppl_art": float(np.exp(nll_art)),
+        "ppl_ratio": float(np.exp(nll_art - nll_ref)),
+        "positions": int(len(m["abs"])),
+    }
+
+
+def greedy_agreement(ref: Session, art: Session, prompt: list[int], n: int) -> dict[str, float]:
+    a, b = greedy_generate(ref, prompt, n), greedy_generate(art, prompt, n)
+    common = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+    return {"greedy_agree": common / max(1, len(a)), "greedy_tokens": len(a), "greedy_first_diff": common}
+
+
+def interface_metrics(ref, art: Session, chunk: int = 512) -> dict[str, float]:
+    """W_out E vs the reference product and the token round trip, through art's own embed/unembed."""
+    d, V = art.hidden_size, art.vocab_size
+    W = art.unembed(np.eye(d, dtype=np.float32)).astype(np.float64)  # d x V
+    E = art.embed(np.arange(V)).astype(np.float64)  # V x d
+    err = W @ E - ref.interface_target()
+    rt_max, rt_agree = 0.0, 0
+    for s in range(0, V, chunk):
+        toks = np.arange(s, min(V, s + chunk))
+        got = art.unembed(art.embed(toks)).astype(np.float64)
+        want = ref.round_trip_target(toks)
+        rt_max = max(rt_max, float(np.abs(got - want).max()))
+        rt_agree += int((got.argmax(-1) == want.argmax(-1)).sum())
+    return {
+        "interface_err_max": float(np.abs(err).max()),
+        "interface_err_fro": float(np.linalg.norm(err)),
+        "round_trip_max_abs": rt_max,
+        "round_trip_argmax": rt_agree / V,
+    }
+
+
+def check_gates(metrics: dict[str, float], scheme: str, gates=None) -> list[GateResult]:
+    spec = GATES.get(scheme.split("+")[0], {}) if gates is None else gates
+    out = []
+    for metric, (op, thr) in spec.items():
+        v = metrics.get(metric)
+        out.append(GateResult(metric, op, thr, v, v is not None and bool(OPS[op](v, thr))))
+    return out
+
+
+def validate(
+    ref,
+    art: Session,
+    heldout: np.ndarray,
+    scheme: str = "fp32",
+    cfg: ValidateConfig | None = None,
+    progress: Callable[[str], None] | None = None,
+    gates=None,
+) -> ValidationResult:
+    """heldout: token windows [n, len] from the held-out split (models.train.heldout_windows)."""
+    cfg = cfg or ValidateConfig()
+    L = min(cfg.window_len or art.max_seq_len, art.max_seq_len, heldout.shape[1])
+    pick = np.linspace(0, len(heldout) - 1, min(cfg.n_windows, len(heldout))).round().astype(int)  # spread over files
+    windows = np.asarray(heldout[pick, :L], dtype=np.int64)
+    step = progress or (lambda _msg: None)
+    step("logits")
+    metrics = compare_logits(ref, art, windows)
+    step("greedy")
+    metrics |= greedy_agreement(ref, art, windows[-1, : cfg.prompt_len].tolist(), cfg.n_greedy)
+    step("interface")
+    metrics |= interface_metrics(ref, art, cfg.round_trip_chunk)
+    return ValidationResult(art.name, scheme, metrics, check_gates(metrics, scheme, gates))

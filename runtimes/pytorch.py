@@ -1,0 +1,119 @@
+"""PyTorch sessions: the training graph (the reference) and the folded inference graph."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from pit_export.models.pit import Transformer
+
+from pit_export.decoder import Decoder, FoldedWeights
+
+from .base import register
+
+
+class ReferenceSession:
+    """The PIT training graph: full-sequence fp32 forward with triangular solves, no KV cache.
+
+    prefill/decode recompute the whole prefix, so the reference shares nothing with any inference path."""
+
+    def __init__(self, model: Transformer, threads: int | None = None):
+        self.model, self.name = model, f"reference ({model.cfg.tying})"
+        c = model.cfg
+        self.vocab_size, self.hidden_size, self.max_seq_len = c.vocab_size, c.dim, c.max_seq_len
+        self.history: list[int] = []
+        if threads:
+            torch.set_num_threads(threads)
+
+    @torch.no_grad()
+    def prefill(self, tokens, start_pos):
+        self.history = self.history[:start_pos] + [int(t) for t in tokens]
+        logits = self.model(torch.tensor([self.history]))[0, start_pos:]
+        return logits.numpy()
+
+    def decode(self, token, pos):
+        return self.prefill(np.array([token]), pos)[0]
+
+    @torch.no_grad()
+    def embed(self, tokens):
+        return self.model.embed(torch.as_tensor(np.asarray(tokens), dtype=torch.long)).numpy()
+
+    @torch.no_grad()
+    def unembed(self, hidden):
+        return self.model.unembed(torch.as_tensor(np.asarray(hidden, dtype=np.float32))).numpy()
+
+    @torch.no_grad()
+    def round_trip_target(self, tokens) -> np.ndarray:
+        """head(embed(t)) in float64 from the training graph: z_t Z^T for PIT."""
+        m = _f64(self.model)
+        return m.unembed(m.embed(torch.as_tensor(np.asarray(tokens), dtype=torch.long))).numpy()
+
+    def interface_target(self) -> np.ndarray:
+        from pit_export.fold import reference_interface
+
+        return reference_interface(self.model).numpy()
+
+    def reset(self):
+        self.history = []
+
+    def close(self):
+        pass
+
+
+_F64_CACHE: dict[int, Transformer] = {}
+
+
+def _f64(model: Transformer) -> Transformer:
+    import copy
+
+    key = id(model)
+    if key not in _F64_CACHE:
+        _F64_CACHE.clear()
+        _F64_CACHE[key] = copy.deepcopy(model).double()
+    return _F64_CACHE[key]
+
+
+class FoldedSession:
+    """The folded inference graph in eager PyTorch: the model every backend exports, before export."""
+
+    def __init__(self, fw: FoldedWeights | Decoder, threads: int | None = None):
+        self.decoder = fw if isinstance(fw, Decoder) else Decoder(fw)
+        c = self.decoder.cfg
+        self.name = f"folded torch ({self.decoder.layout})"
+        self.vocab_size, self.hidden_size, self.max_seq_len = c.vocab_size, c.dim, c.max_seq_len
+        if threads:
+            torch.set_num_threads(threads)
+
+    @torch.no_grad()
+    def prefill(self, tokens, start_pos):
+        tokens = torch.as_tensor(np.asarray(tokens), dtype=torch.long)
+        pos = torch.arange(start_pos, start_pos + len(tokens))
+        return self.decoder(tokens[None], pos)[0].numpy()
+
+    def decode(self, token, pos):
+        return self.prefill(np.array([token]), pos)[0]
+
+    @torch.no_grad()
+    def embed(self, tokens):
+        return self.decoder.embed(torch.as_tensor(np.asarray(tokens), dtype=torch.long)).numpy()
+
+    @torch.no_grad()
+    def unembed(self, hidden):
+        return self.decoder.unembed(torch.as_tensor(np.asarray(hidden, dtype=np.float32))).numpy()
+
+    def reset(self):
+        self.decoder.reset_cache()
+
+    def close(self):
+        pass
+
+
+@register("torch")
+def open_folded(path, threads: int | None = None, **_):
+    from pit_export.errors import BadInput
+    from pit_export.fold import load_folded
+
+    fw = load_folded(path)
+    try:
+        return FoldedSession(fw, threads)
+    except (KeyError, RuntimeError) as e:
+        raise BadInput(f"{path}: folded weights do not match the config ({str(e).splitlines()[0][:200]})") from None

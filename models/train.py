@@ -37,6 +37,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     seed: int = 1234
     eval_every: int = 150
+    z_lr_scale: float = 0.25  # Z's entries are ~V^-1/2, 4-5x smaller than a tied table's: scale its step to match
     threads: int = 2
     model: ModelConfig = field(default_factory=ModelConfig)
 
@@ -106,12 +107,17 @@ def lr_at(step: int, tc: TrainConfig) -> float:
 
 def make_optimizer(model: Transformer, tc: TrainConfig) -> torch.optim.Optimizer:
     # Decay only the body's matrices: decaying L would pull T towards its diagonal, decaying a table shrinks logits.
-    decay, keep = [], []
+    decay, keep, z = [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (decay if p.dim() == 2 and name.startswith("layers") else keep).append(p)
+        if name == "pit.z":
+            z.append(p)
+        else:
+            (decay if p.dim() == 2 and name.startswith("layers") else keep).append(p)
     groups = [{"params": decay, "weight_decay": tc.weight_decay}, {"params": keep, "weight_decay": 0.0}]
+    if z:  # trained Z is re-orthonormalised (polar retraction) after every step
+        groups.append({"params": z, "weight_decay": 0.0, "lr_scale": tc.z_lr_scale})
     return torch.optim.AdamW(groups, lr=tc.lr, betas=(0.9, 0.95))
 
 
@@ -139,7 +145,7 @@ def train(out: Path, tc: TrainConfig, tokenizer_from: Path | None = None, progre
         starts = torch.randint(0, len(stream) - tc.seq_len - 1, (tc.batch_size,), generator=gen)
         batch = torch.stack([stream[s : s + tc.seq_len + 1] for s in starts.tolist()])
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, tc)
+            g["lr"] = lr_at(step, tc) * g.get("lr_scale", 1.0)
         logits = model(batch[:, :-1])
         loss = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
         opt.zero_grad(set_to_none=True)
@@ -198,8 +204,9 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=TrainConfig.steps)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tokenizer-from", type=Path, default=None)
+    ap.add_argument("--train-z", action="store_true", help="PIT: train Z (re-orthonormalised each step)")
     a = ap.parse_args(argv)
-    tc = TrainConfig(steps=a.steps, threads=a.threads, model=ModelConfig(tying=a.tying))
+    tc = TrainConfig(steps=a.steps, threads=a.threads, model=ModelConfig(tying=a.tying, train_z=a.train_z))
     m = train(a.out, tc, a.tokenizer_from)
     print(json.dumps({k: v for k, v in m.items() if k != "history"}, indent=2))
 

@@ -340,6 +340,7 @@ def train(
     tying: Annotated[str, typer.Option(help="pit | tied | untied")] = "pit",
     steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 800,
     tokenizer_from: Annotated[Path | None, typer.Option(help="Reuse this checkpoint's tokenizer.")] = None,
+    train_z: Annotated[bool, typer.Option(help="PIT: train Z too, re-orthonormalised after each step.")] = False,
     threads: ThreadsOpt = 2,
 ):
     """Train a small model (and BPE tokenizer) on the CPython stdlib corpus: how the default models were made."""
@@ -359,7 +360,10 @@ def train(
                 p.console.print(msg)
 
         m = run_train(
-            out_dir, TrainConfig(steps=steps, threads=threads, model=ModelConfig(tying=tying)), tokenizer_from, report
+            out_dir,
+            TrainConfig(steps=steps, threads=threads, model=ModelConfig(tying=tying, train_z=train_z)),
+            tokenizer_from,
+            report,
         )
     out.print(f"held-out perplexity {m['heldout_ppl']:.2f} (unigram {m['unigram_ppl']:.2f}) -> {out_dir}")
 

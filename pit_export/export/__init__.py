@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import importlib.util
 import json
 import platform
 from dataclasses import asdict, dataclass
@@ -87,10 +88,12 @@ def export_artifact(
     t = TARGETS[target]
     sch = get_scheme(scheme or t.scheme, embedding_bits)
     layout = layout or t.layout
+    if importlib.util.find_spec(f"{__name__}.{t.backend}") is None:
+        raise Unavailable(f"target {target}: the {t.backend} exporter is not part of this build")
     try:
         backend = importlib.import_module(f"{__name__}.{t.backend}")
-    except ModuleNotFoundError as e:
-        raise Unavailable(f"target {target}: backend {t.backend} is not available here ({e})") from None
+    except ImportError as e:  # its toolchain is missing here
+        raise Unavailable(f"target {target}: {t.backend} toolchain unavailable ({e})") from None
     progress(f"fold ({layout})")
     fw, fold_report = fold(ckpt, layout)
     manifest: dict = {}

@@ -20,7 +20,7 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/pit-export inspect $(DEFAULT_MODEL)
-	$(BIN)/pit-export validate $(DEFAULT_MODEL) --layout all
+	$(BIN)/pit-export validate $(DEFAULT_MODEL) --layout untied,shared-z
 	$(BIN)/pit-export generate $(DEFAULT_MODEL) --prompt "def read_file(path):" --max-new-tokens 48
 
 test: $(STAMP)

@@ -25,7 +25,7 @@ app = typer.Typer(
     help="Fold, quantize, export and validate Pseudo-Inverse-Tied (PIT) language models for phones.",
 )
 out = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 STATE = {"debug": False}
 
 CkptArg = Annotated[Path, typer.Argument(help="Checkpoint folder (config.json, model.safetensors, tokenizer.json).")]
@@ -161,7 +161,9 @@ def validate(
     artifact: Annotated[
         list[Path] | None, typer.Option(help="Artifact folder(s) to check; default: fold in memory.")
     ] = None,
-    layout: Annotated[str, typer.Option(help="Layout(s) to fold when no artifact is given: a name or 'all'.")] = "all",
+    layout: Annotated[
+        str, typer.Option(help="Layout(s) to fold when no artifact is given: names, comma-separated, or 'all'.")
+    ] = "all",
     scheme: Annotated[
         str | None, typer.Option(help="Gate set (fp32, int8, 8da4w, int4); default: the artifact's.")
     ] = None,
@@ -179,7 +181,7 @@ def validate(
     if artifact:
         targets = [(str(a), lambda a=a: open_session(a, threads=threads)) for a in artifact]
     else:
-        names = layouts_for(c.config.tying) if layout == "all" else (layout,)
+        names = layouts_for(c.config.tying) if layout == "all" else tuple(layout.split(","))
         targets = [(f"fold {n}", lambda n=n: FoldedSession(fold(c, n)[0], threads)) for n in names]
     results = _validate_sessions(c, targets, scheme, n_windows, n_greedy, threads, json_out)
     _emit(

@@ -18,10 +18,14 @@ $(STAMP): $(BIN)/python pyproject.toml constraints.txt
 
 install: $(STAMP)
 
+# The main job on the embedded default model: check it, export for Android and ONNX Runtime (each validated through
+# its own runtime before it is written), then generate from the ONNX artifact.
 demo: $(STAMP)
 	$(BIN)/pit-export inspect $(DEFAULT_MODEL)
-	$(BIN)/pit-export validate $(DEFAULT_MODEL) --layout untied,shared-z
-	$(BIN)/pit-export generate $(DEFAULT_MODEL) --prompt "def read_file(path):" --max-new-tokens 48
+	$(BIN)/pit-export validate $(DEFAULT_MODEL) --layout untied,shared-z --n-windows 4
+	$(BIN)/pit-export export $(DEFAULT_MODEL) --target android --out out/android
+	$(BIN)/pit-export export $(DEFAULT_MODEL) --target onnx-cpu --out out/onnx-cpu
+	$(BIN)/pit-export generate out/onnx-cpu --prompt "def read_file(path):" --max-new-tokens 48
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

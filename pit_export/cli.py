@@ -24,7 +24,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Fold, quantize, export and validate Pseudo-Inverse-Tied (PIT) language models for phones.",
 )
-out = Console()
+out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 STATE = {"debug": False}
 

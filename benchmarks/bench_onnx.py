@@ -1,0 +1,107 @@
+"""ONNX target report: size, parity and export time for every scheme x layout, PIT and tied baseline.
+
+    .venv/bin/python benchmarks/bench_onnx.py [--models models/pit-tiny models/tied-tiny] [--out DIR]
+
+Writes DIR/onnx.json and prints a markdown table. Greedy agreement is against the training graph (64 tokens);
+genai agreement is onnxruntime-genai's greedy tokens against our ORT session's on the same artifact."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from pit_export.models.checkpoint import load_checkpoint
+from pit_export.models.train import heldout_windows
+from pit_export.runtimes import greedy_generate, open_session
+from pit_export.runtimes.pytorch import ReferenceSession
+
+from pit_export.export import export_artifact
+from pit_export.fold import layouts_for
+from pit_export.validate import validate
+
+COMBOS = [("fp32", None), ("int8", None), ("int4", None), ("int4", 4)]
+COLS = ["max_abs_logit", "top1", "kl_mean", "kl_p99", "ppl_ratio", "interface_err_max", "greedy_agree"]
+
+
+def genai_tokens(path: Path, prompt: list[int], n: int) -> list[int]:
+    import onnxruntime_genai as og
+
+    model = og.Model(str(path))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + n, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(prompt)
+    out = []
+    while len(out) < n and not gen.is_done():
+        gen.generate_next_token()
+        out.append(int(gen.get_next_tokens()[0]))
+    return out
+
+
+def run(model_dir: Path, tmp: Path) -> list[dict]:
+    ckpt = load_checkpoint(model_dir)
+    held = np.asarray(heldout_windows(ckpt.tokenizer, ckpt.config))
+    ref = ReferenceSession(ckpt.model, threads=2)
+    prompt = held[-1, :32].tolist()
+    rows = []
+    for layout in layouts_for(ckpt.config.tying):
+        for scheme, emb in COMBOS:
+            if emb and layout != "untied":
+                continue  # compact layouts already share one table in the head's precision
+            out = tmp / f"{model_dir.name}-{layout}-{scheme}-{emb}"
+            t0 = time.perf_counter()
+            man = export_artifact(ckpt, "onnx-cpu", out, scheme, layout, emb)
+            wall = time.perf_counter() - t0
+            sess = open_session(out, threads=2)
+            res = validate(ref, sess, held, sess.scheme)
+            genai = genai_tokens(out, prompt, 64) == greedy_generate(sess, prompt, 64)
+            rows.append(
+                {
+                    "model": model_dir.name,
+                    "layout": layout,
+                    "scheme": man["scheme"],
+                    "model_bytes": man["onnx"]["model_bytes"],
+                    "ort_bytes": man["onnx"]["ort_bytes"],
+                    "export_wall_s": round(wall, 1),
+                    "trace_s": man["onnx"]["export_s"],
+                    "passed": res.passed,
+                    "genai_agree": genai,
+                    **{k: res.metrics[k] for k in COLS},
+                }
+            )
+            print(rows[-1], flush=True)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    head = ["model", "layout", "scheme", "MB", "ort MB", "export s", *COLS, "genai", "gate"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        vals = [r["model"], r["layout"], r["scheme"], f"{r['model_bytes'] / 1e6:.3f}", f"{r['ort_bytes'] / 1e6:.3f}"]
+        vals += [f"{r['export_wall_s']:.1f}"] + [f"{r[k]:.5g}" for k in COLS]
+        vals += ["same" if r["genai_agree"] else "DIFF", "pass" if r["passed"] else "FAIL"]
+        lines.append("| " + " | ".join(vals) + " |")
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", nargs="+", type=Path, default=[Path("models/pit-tiny"), Path("models/tied-tiny")])
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = ap.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for m in args.models:
+            if (m / "model.safetensors").exists():
+                rows += run(m, Path(tmp))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "onnx.json").write_text(json.dumps(rows, indent=2))
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,177 @@
+"""Android: the folded Decoder as one ExecuTorch program (model.pte) lowered to XNNPACK.
+
+Methods of the program:
+  forward(tokens Long[1, n], input_pos Long[n]) -> logits [1, n, V]   n in 1..max_seq_len: prefill and decode
+  embed(tokens Long[n]) -> [n, d]        unembed(hidden [n, d]) -> [n, V]   n in 1..V: the PIT interface probes
+  get_max_seq_len, get_vocab_size, ... constants the ExecuTorch LLM runner (and the demo apps) read.
+
+The KV cache is the Decoder's static buffers, written in place by index_copy_ at explicit positions; the program
+keeps them as mutable state between calls. Constants are shared between the methods (XNNPACK stores weights by
+content hash).
+
+Shared layouts: inside one .pte a table read by both the gather (a portable-kernel op reading the program's
+constant segment) and the head matmul (XNNPACK's named data) is stored twice. Moved to an external model.ptd, both
+land in one named-data store, which deduplicates by content: the fp32 table is stored once. So shared layouts
+ship model.pte + model.ptd. Quantized heads are packed by XNNPACK in its own format, so only fp32 shares.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.export import Dim
+from torch.export import export as torch_export
+
+from pit_export.decoder import Decoder, FoldedWeights
+from pit_export.errors import BadInput
+from pit_export.quantize import Scheme
+
+PTE, DATA_TAG = "model.pte", "model"  # weights file: DATA_TAG.ptd
+METHODS = ("forward", "embed", "unembed")
+
+
+class EtDecoder(Decoder):
+    """The Decoder with the shared layouts' head as an nn.Linear on the same table Parameter.
+
+    Same math and the same single Parameter as Decoder.head's F.linear(..., table.weight); being a module lets the
+    quantizer see the head like any other linear (otherwise shared layouts would keep an fp32 head)."""
+
+    def __init__(self, fw: FoldedWeights):
+        super().__init__(fw)
+        if self.layout != "untied":
+            self.head_out = nn.Linear(self.cfg.dim, self.cfg.vocab_size, bias=False)
+            self.head_out.weight = self.table.weight
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        return self.output(h) if self.layout == "untied" else self.head_out(self.head_proj(h))
+
+
+class _Embed(nn.Module):
+    def __init__(self, dec: Decoder):
+        super().__init__()
+        self.dec = dec
+
+    def forward(self, tokens):
+        return self.dec.embed(tokens)
+
+
+class _Unembed(_Embed):
+    def forward(self, hidden):
+        return self.dec.unembed(hidden)
+
+
+def _quantizable_linear(m: nn.Module, fqn: str) -> bool:
+    # the d x d PIT transforms (T^-1, diag(g) T, diag(g) T^2) stay fp32: 2 d^2 weights that carry cond(T), and
+    # quantizing them (weights and their dynamic int8 inputs) multiplies the error by up to cond(T)^2
+    return isinstance(m, nn.Linear) and not fqn.endswith(("head_proj", "embed_proj"))
+
+
+def quantize(dec: nn.Module, scheme: Scheme) -> None:
+    """torchao recipes that XNNPACK lowers: dynamic int8 activations x int8/int4 weights; embedding weight-only."""
+    from torchao.quantization import (
+        Int8DynamicActivationIntxWeightConfig,
+        IntxWeightOnlyConfig,
+        PerAxis,
+        PerGroup,
+        quantize_,
+    )
+
+    if scheme.linear_bits is not None:
+        if scheme.activations != "int8-dynamic":
+            raise BadInput(f"scheme {scheme.name}: XNNPACK lowers 4/8-bit linears only with dynamic int8 activations")
+        gran = PerAxis(0) if scheme.group_size is None else PerGroup(scheme.group_size)
+        cfg = Int8DynamicActivationIntxWeightConfig(
+            weight_dtype=getattr(torch, f"int{scheme.linear_bits}"), weight_granularity=gran
+        )
+        quantize_(dec, cfg, filter_fn=_quantizable_linear)
+    if scheme.embedding_bits is not None:
+        cfg = IntxWeightOnlyConfig(weight_dtype=getattr(torch, f"int{scheme.embedding_bits}"), granularity=PerGroup(32))
+        quantize_(dec, cfg, filter_fn=lambda m, _fqn: isinstance(m, nn.Embedding))
+
+
+def metadata(cfg) -> dict:
+    """Constant methods read by ExecuTorch's LLM runner (extension/llm/runner; keys as in export_llama_lib)."""
+    return {
+        "get_max_seq_len": cfg.max_seq_len,
+        "get_max_context_len": cfg.max_seq_len,
+        "get_vocab_size": cfg.vocab_size,
+        "get_n_layers": cfg.n_layers,
+        "get_bos_id": cfg.bos_id,
+        "get_eos_ids": [cfg.eos_id],
+        "use_kv_cache": True,
+        "use_sdpa_with_kv_cache": False,
+        "enable_dynamic_shape": True,  # the runner prefills the whole prompt in one forward call
+    }
+
+
+def export_programs(dec: Decoder) -> dict:
+    """torch.export of the three methods. Bounds are explicit: the mask is [n, max_seq_len] (no slicing by n), so
+    the full context 1..max_seq_len survives as a dynamic range; embed/unembed take up to V rows per call."""
+    cfg = dec.cfg
+    seq, rows = Dim("seq", min=1, max=cfg.max_seq_len), Dim("rows", min=1, max=cfg.vocab_size)
+    ex = torch.arange(2)
+    with torch.no_grad():
+        progs = {
+            "forward": torch_export(dec, (ex[None], ex), dynamic_shapes=({1: seq}, {0: seq}), strict=False),
+            "embed": torch_export(_Embed(dec), (ex,), dynamic_shapes=({0: rows},), strict=False),
+            "unembed": torch_export(
+                _Unembed(dec), (torch.zeros(2, cfg.dim),), dynamic_shapes=({0: rows},), strict=False
+            ),
+        }
+    dec.reset_cache()  # tracing ran the cache writes eagerly
+    return progs
+
+
+def tag_weights_external(programs: dict) -> None:
+    """Send every lifted weight, including those XNNPACK consumes, to the one external named-data file."""
+    for ep in programs.values():
+        inputs = set(ep.graph_signature.user_inputs)
+        for n in ep.graph.nodes:
+            if n.op == "placeholder" and n.name not in inputs:
+                n.meta.setdefault("custom", {})["delegate_constant_tag"] = DATA_TAG
+
+
+def lower(programs: dict, constants: dict, external: bool):
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
+
+    if external:
+        tag_weights_external(programs)
+    edge = to_edge_transform_and_lower(programs, partitioner=[XnnpackPartitioner()], constant_methods=constants)
+    # quant fusion turns dequantize + embedding into quantized_decomposed::embedding_{4,8}bit (the int table ships)
+    cfg = ExecutorchBackendConfig(
+        do_quant_fusion_and_const_prop=True, external_constants=(lambda _n: DATA_TAG) if external else False
+    )
+    return edge.to_executorch(cfg)
+
+
+def export(fw: FoldedWeights, scheme: Scheme, out: Path, ckpt, progress) -> dict:
+    t0 = time.perf_counter()
+    dec = EtDecoder(fw)
+    progress(f"quantize ({scheme.name})")
+    quantize(dec, scheme)
+    progress("torch.export")
+    programs = export_programs(dec)
+    t1 = time.perf_counter()
+    progress("lower to XNNPACK")
+    meta = metadata(fw.cfg)
+    external = fw.layout != "untied"  # the only way ExecuTorch keeps one copy of a shared table
+    program = lower(programs, meta, external)
+    (Path(out) / PTE).write_bytes(program.buffer)
+    if external:
+        program.write_tensor_data_to_file(str(out))
+    t2 = time.perf_counter()
+    return {
+        "executorch": {
+            "program": PTE,
+            "data": f"{DATA_TAG}.ptd" if external else None,
+            "methods": list(METHODS),
+            "metadata": meta,
+            "needs_quantized_kernels": scheme.embedding_bits is not None,
+            "export_seconds": round(t1 - t0, 2),
+            "lower_seconds": round(t2 - t1, 2),
+        }
+    }

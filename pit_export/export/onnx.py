@@ -1,0 +1,409 @@
+"""ONNX Runtime backend: an onnxruntime-genai folder with a past/present KV interface, plus embed/unembed probes.
+
+Files written:
+    model.onnx, model.onnx.data   the decoder: input_ids, attention_mask, position_ids, past_key_values.{i}.key/value
+                                  -> logits, present.{i}.key/value (present = concat(past, new); past may be empty)
+    embed.onnx, unembed.onnx      round-trip probes cut out of model.onnx; their weights point into model.onnx.data,
+                                  so they read exactly the deployed (quantized) bytes and add no size
+    model.ort                     ORT mobile format of model.onnx (weights inside), for onnxruntime-mobile on phones
+    genai_config.json, tokenizer_config.json
+
+Quantization (by scheme): every weight MatMul (body, head, d x d transforms) becomes MatMulNBits with block 32:
+int4 = 4-bit weights, float compute; int8 / 8da4w = 8- / 4-bit weights with accuracy_level 4 (activations quantized
+to int8 per block at run time); embedding_bits=4 in the untied layout = GatherBlockQuantized. int8 uses MatMulNBits
+rather than quantize_dynamic: its per-tensor activation scales cost ppl x1.008 on pit-tiny (gate 1.005) where
+per-block int8 costs x1.0004. The compact layouts (shared-z, shared-e) keep ONE V x d table: in fp32 the gather
+reads Transpose(head weight); quantized, a GatherBlockQuantized reads the head's MatMulNBits weight (onnxruntime-genai's
+tied-model layout), so the embedding takes the head's precision. The d x d transforms stay ordinary (quantized)
+MatMuls around that table: PIT is never silently tied.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+import torch.nn.functional as F
+from onnx import TensorProto, helper, numpy_helper
+from torch import nn
+
+from pit_export.decoder import Decoder, FoldedWeights
+from pit_export.errors import BadInput
+from pit_export.models.pit import apply_rope, rms_norm
+from pit_export.quantize import Scheme
+
+OPSET = 18
+MODEL, DATA, ORT_MODEL = "model.onnx", "model.onnx.data", "model.ort"
+EMBED, UNEMBED = "embed.onnx", "unembed.onnx"
+# stable tensor names at the interface boundaries, set on the fp32 graph; quantizers keep activation names
+EMB_OUT, HEAD_IN, LOGITS = "embeddings", "final_hidden", "logits"
+BLOCK = 32
+MASK_MIN = torch.finfo(torch.float32).min  # finite: a fully padded row must not turn into NaN
+
+
+def kv_names(n_layers: int) -> tuple[list[str], list[str]]:
+    past = [f"past_key_values.{i}.{kv}" for i in range(n_layers) for kv in ("key", "value")]
+    return past, [p.replace("past_key_values", "present") for p in past]
+
+
+class KVDecoder(nn.Module):
+    """The Decoder's own modules behind onnxruntime-genai's interface: past k/v in, present = concat(past, new) out.
+
+    Only the cache handling differs from Decoder.forward (no static buffers): embed, head, norms, projections, RoPE
+    tables and the FFN are the Decoder's."""
+
+    def __init__(self, dec: Decoder):
+        super().__init__()
+        self.dec = dec
+
+    def forward(self, input_ids, attention_mask, position_ids, past: list[torch.Tensor]):
+        dec = self.dec
+        s, total = input_ids.shape[1], attention_mask.shape[1]
+        cos, sin = dec.rope_cos[position_ids][:, None], dec.rope_sin[position_ids][:, None]  # [b, 1, s, hd/2]
+        # query i sits at total - s + i: causal over past + new, and padded keys are never attended
+        q_pos = torch.arange(s, device=input_ids.device) + (total - s)
+        allowed = torch.arange(total, device=input_ids.device)[None, :] <= q_pos[:, None]
+        allowed = allowed[None, None] & (attention_mask[:, None, None, :] > 0)
+        mask = torch.where(allowed, 0.0, MASK_MIN)
+        x = dec.embed(input_ids)
+        presents = []
+        for i, layer in enumerate(dec.layers):
+            x, k, v = self._block(layer, x, cos, sin, past[2 * i], past[2 * i + 1], mask)
+            presents += [k, v]
+        return dec.head(rms_norm(x, dec.cfg.norm_eps)), *presents
+
+    @staticmethod
+    def _block(layer, x, cos, sin, past_k, past_v, mask):
+        att = layer.attention
+        b, s, _ = x.shape
+        h = rms_norm(x, layer.eps) * layer.attention_norm
+        q = apply_rope(att.wq(h).view(b, s, att.n_heads, att.hd).transpose(1, 2), cos, sin)
+        k = apply_rope(att.wk(h).view(b, s, att.n_kv, att.hd).transpose(1, 2), cos, sin)
+        v = att.wv(h).view(b, s, att.n_kv, att.hd).transpose(1, 2)
+        k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
+        rep = att.n_heads // att.n_kv
+        y = F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), attn_mask=mask)
+        x = x + att.wo(y.transpose(1, 2).reshape(b, s, -1))
+        return x + layer.feed_forward(rms_norm(x, layer.eps) * layer.ffn_norm), k, v
+
+
+# ---------------------------------------------------------------- fp32 graph
+
+
+def export_fp32(dec: Decoder) -> onnx.ModelProto:
+    cfg = dec.cfg
+    b, s, p = 2, 3, 4  # example sizes > 1 so no dim is specialised; past = 0 works at run time
+    past = [torch.zeros(b, cfg.n_kv_heads, p, cfg.head_dim) for _ in range(2 * cfg.n_layers)]
+    ids = torch.zeros(b, s, dtype=torch.long)
+    args = (ids, torch.ones(b, p + s, dtype=torch.long), torch.arange(p, p + s).repeat(b, 1), past)
+    past_names, present_names = kv_names(cfg.n_layers)
+    batch, seq, plen = torch.export.Dim("batch"), torch.export.Dim("seq"), torch.export.Dim("past", min=0)
+    total = torch.export.Dim.AUTO
+    dyn = ({0: batch, 1: seq}, {0: batch, 1: total}, {0: batch, 1: seq}, [{0: batch, 2: plen}] * len(past))
+    with torch.no_grad():
+        prog = torch.onnx.export(
+            KVDecoder(dec).eval(),
+            args,
+            input_names=["input_ids", "attention_mask", "position_ids", *past_names],
+            output_names=[LOGITS, *present_names],
+            dynamic_shapes=dyn,
+            opset_version=OPSET,
+            dynamo=True,
+            optimize=True,
+            verbose=False,
+        )
+    return prog.model_proto
+
+
+# ---------------------------------------------------------------- graph edits on the fp32 graph
+
+HEAD_W = "lm_head.weight"  # the head's d x V MatMul weight; in compact layouts also the one table
+
+
+def _producer(g: onnx.GraphProto, name: str):
+    return next((n for n in g.node if name in n.output), None)
+
+
+def _consumers(g: onnx.GraphProto, name: str) -> list:
+    return [n for n in g.node if name in n.input]
+
+
+def _init(g: onnx.GraphProto, name: str):
+    return next((t for t in g.initializer if t.name == name), None)
+
+
+def _rename(g: onnx.GraphProto, old: str, new: str) -> None:
+    for n in g.node:
+        n.input[:] = [new if x == old else x for x in n.input]
+        n.output[:] = [new if x == old else x for x in n.output]
+
+
+def canonicalize(model: onnx.ModelProto, layout: str) -> None:
+    """Name the interface tensors and make the head a MatMul on one d x V initializer that quantizers can see.
+
+    dynamo exports the head as MatMul(x, Transpose(W)); W becomes the initializer lm_head.weight = W^T, and in the
+    compact layouts the embedding Gather reads Transpose(lm_head.weight): one table on disk."""
+    g = model.graph
+    head = _producer(g, LOGITS)
+    tr = _producer(g, head.input[1])
+    assert head.op_type == "MatMul" and (tr is None or tr.op_type == "Transpose"), "unexpected head in the graph"
+    if tr is None:  # an unshared weight: dynamo already folded the transpose into a d x V initializer
+        _init(g, head.input[1]).name = HEAD_W
+        _rename(g, head.input[1], HEAD_W)
+    else:
+        w = _init(g, tr.input[0])
+        g.initializer.append(numpy_helper.from_array(numpy_helper.to_array(w).T.copy(), HEAD_W))
+        head.input[1] = HEAD_W
+        g.node.remove(tr)
+    gather = next(n for n in g.node if n.op_type == "Gather" and n.input[1] == "input_ids")
+    if layout != "untied":  # the head's table is the gather's table
+        assert tr is not None and gather.input[0] == w.name, "compact layout without a shared table"
+        g.node.append(helper.make_node("Transpose", [HEAD_W], ["table"], perm=[1, 0]))
+        gather.input[0] = "table"
+        g.initializer.remove(w)
+    # interface names: embed output (after embed_proj in shared-z) and the head input (before head_proj)
+    emb = gather.output[0]
+    if layout == "shared-z":
+        emb = _consumers(g, emb)[0].output[0]
+    _rename(g, emb, EMB_OUT)
+    h = head.input[0]
+    if layout != "untied":
+        h = _producer(g, h).input[0]
+    _rename(g, h, HEAD_IN)
+    _toposort(g)
+
+
+def _toposort(g: onnx.GraphProto) -> None:
+    known = {i.name for i in g.input} | {t.name for t in g.initializer} | {""}
+    nodes, out = list(g.node), []
+    while nodes:
+        ready = [n for n in nodes if all(x in known for x in n.input)]
+        assert ready, "graph has a cycle or a dangling input"
+        for n in ready:
+            out.append(n)
+            known.update(n.output)
+            nodes.remove(n)
+    del g.node[:]
+    g.node.extend(out)
+
+
+# ---------------------------------------------------------------- quantization
+
+
+def quantize(model: onnx.ModelProto, scheme: Scheme, layout: str) -> onnx.ModelProto:
+    """Every weight MatMul -> MatMulNBits (block 32); in compact layouts the gather then reads the head's table."""
+    if scheme.linear_bits is None:
+        if scheme.embedding_bits:
+            raise BadInput("onnx: a quantized embedding needs a quantized scheme (int8, int4, 8da4w)")
+        return model
+    if scheme.embedding_bits is not None and (scheme.embedding_bits != 4 or scheme.linear_bits != 4):
+        raise BadInput("onnx: the separate quantized embedding is 4-bit only (int4+emb4, 8da4w+emb4)")
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
+    ops = ("MatMul", "Gather") if layout == "untied" and scheme.embedding_bits else ("MatMul",)
+    # accuracy_level 4 = int8 compute on activations quantized per block at run time ("dynamic int8 activations")
+    level = 4 if scheme.activations == "int8-dynamic" else None
+    q = MatMulNBitsQuantizer(model, scheme.linear_bits, BLOCK, accuracy_level=level, op_types_to_quantize=ops)
+    q.process()
+    model = q.model.model
+    if layout != "untied":
+        _share_table(model.graph)
+    _toposort(model.graph)
+    return model
+
+
+def _share_table(g: onnx.GraphProto) -> None:
+    """GatherBlockQuantized over the head's MatMulNBits weight [V, d/32, 32 bits/8] viewed as [V, d bits/8]: the one
+    table, in the head's precision (onnxruntime-genai's layout for tied models)."""
+    head = _producer(g, LOGITS)
+    assert head.op_type == "MatMulNBits", head.op_type
+    attrs = {a.name: helper.get_attribute_value(a) for a in head.attribute}
+    V, d = attrs["N"], attrs["K"]
+    shape = numpy_helper.from_array(np.array([V, d * attrs["bits"] // 8], dtype=np.int64), "table_q_shape")
+    g.initializer.append(shape)
+    gather = next(n for n in g.node if n.op_type == "Gather" and n.input[1] == "input_ids")
+    nodes = [
+        helper.make_node("Reshape", [head.input[1], shape.name], ["table_q"]),
+        helper.make_node(
+            "GatherBlockQuantized",
+            ["table_q", "input_ids", *head.input[2:4]],
+            list(gather.output),
+            domain="com.microsoft",
+            bits=attrs["bits"],
+            block_size=attrs["block_size"],
+            gather_axis=0,
+            quantize_axis=1,
+        ),
+    ]
+    g.node.remove(_producer(g, gather.input[0]))  # Transpose(lm_head.weight): the fp32 table goes with it
+    g.node.remove(gather)
+    g.node.extend(nodes)
+    g.initializer.remove(_init(g, HEAD_W))
+
+
+# ---------------------------------------------------------------- probes, config files, mobile format
+
+
+def _subgraph(model: onnx.ModelProto, inputs: list, outputs: list[str], name: str, pre: list) -> onnx.ModelProto:
+    """The nodes of `model` computing `outputs` from `inputs` (value infos), with the initializers they read
+    (external references into model.onnx.data stay references). `pre` are extra leading nodes/initializers."""
+    g = model.graph
+    stop = {i.name for i in inputs} | {i for n in pre if isinstance(n, onnx.NodeProto) for i in n.output}
+    need, nodes = set(outputs), []
+    for n in reversed(g.node):
+        if any(o in need for o in n.output):
+            nodes.append(n)
+            need.update(x for x in n.input if x and x not in stop)
+    inits = [t for t in g.initializer if t.name in need] + [t for t in pre if isinstance(t, TensorProto)]
+    outs = [v for v in list(g.output) + list(g.value_info) if v.name in outputs]
+    outs += [
+        helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs if o not in {v.name for v in outs}
+    ]
+    body = [n for n in pre if isinstance(n, onnx.NodeProto)] + nodes[::-1]
+    graph = helper.make_graph(body, name, inputs, outs, inits)
+    return helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
+
+
+def write_probes(out: Path, d: int, inv_gain: np.ndarray) -> None:
+    """embed.onnx: input_ids [b, s] -> embeddings; unembed.onnx: hidden [b, s, d] -> logits of h / g (no gain)."""
+    model = onnx.load(out / MODEL, load_external_data=False)
+    ids = next(i for i in model.graph.input if i.name == "input_ids")
+    onnx.save(_subgraph(model, [ids], [EMB_OUT], "embed", []), out / EMBED)
+    hidden = helper.make_tensor_value_info("hidden", TensorProto.FLOAT, ["batch", "seq", d])
+    gain = numpy_helper.from_array(inv_gain.astype(np.float32), "inv_gain")
+    pre = [gain, helper.make_node("Mul", ["hidden", "inv_gain"], [HEAD_IN])]
+    onnx.save(_subgraph(model, [hidden], [LOGITS], "unembed", pre), out / UNEMBED)
+
+
+def genai_config(fw: FoldedWeights, ckpt) -> dict:
+    cfg = fw.cfg
+    past, present = kv_names(cfg.n_layers)
+    pad = ckpt.tokenizer.token_to_id("<|pad|>") if ckpt is not None else None
+    return {
+        "model": {
+            "type": "llama",  # onnxruntime-genai's plain decoder-only pipeline; our graph computes everything itself
+            "vocab_size": cfg.vocab_size,
+            "context_length": cfg.max_seq_len,
+            "bos_token_id": cfg.bos_id,
+            "eos_token_id": cfg.eos_id,
+            "pad_token_id": cfg.eos_id if pad is None else pad,
+            "decoder": {
+                "filename": MODEL,
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "head_size": cfg.head_dim,
+                "hidden_size": cfg.dim,
+                "num_attention_heads": cfg.n_heads,
+                "num_hidden_layers": cfg.n_layers,
+                "num_key_value_heads": cfg.n_kv_heads,
+                "inputs": {
+                    "input_ids": "input_ids",
+                    "attention_mask": "attention_mask",
+                    "position_ids": "position_ids",
+                    "past_key_names": past[0].replace(".0.", ".%d."),
+                    "past_value_names": past[1].replace(".0.", ".%d."),
+                },
+                "outputs": {
+                    "logits": LOGITS,
+                    "present_key_names": present[0].replace(".0.", ".%d."),
+                    "present_value_names": present[1].replace(".0.", ".%d."),
+                },
+            },
+        },
+        # present = concat(past, new) is a new buffer each step: the shared-buffer mode needs in-place attention
+        "search": {"max_length": cfg.max_seq_len, "past_present_share_buffer": False, "do_sample": False},
+    }
+
+
+def tokenizer_config(ckpt, cfg) -> dict:
+    """What onnxruntime-genai's tokenizer (onnxruntime-extensions) reads next to tokenizer.json."""
+    name = ckpt.tokenizer.id_to_token
+    pad = ckpt.tokenizer.token_to_id("<|pad|>")
+    return {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "model_max_length": cfg.max_seq_len,
+        "add_bos_token": False,
+        "bos_token": name(cfg.bos_id),
+        "eos_token": name(cfg.eos_id),
+        "pad_token": name(cfg.eos_id if pad is None else pad),
+    }
+
+
+def to_ort_format(src: Path, dst: Path) -> None:
+    """ORT mobile format (what convert_onnx_models_to_ort does, 'Fixed' style): basic optimizations only, so the
+    file stays free of x86-specific layouts and runs on ARM builds of onnxruntime(-mobile). Constant folding is off:
+    it would store Reshape(table) as a second copy of the shared table."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    so.optimized_model_filepath = str(dst)
+    so.add_session_config_entry("session.save_model_format", "ORT")
+    ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"], disabled_optimizers=["ConstantFolding"])
+
+
+# ---------------------------------------------------------------- backend entry point
+
+
+_GRAPHS: dict[str, bytes] = {}  # folded-weights digest -> canonical fp32 graph: one trace serves every scheme
+
+
+def fp32_graph(fw: FoldedWeights) -> onnx.ModelProto:
+    h = hashlib.sha256(f"{fw.layout}{fw.cfg.to_json()}".encode())
+    for k in sorted(fw.tensors):
+        h.update(k.encode() + fw.tensors[k].numpy().tobytes())
+    key = h.hexdigest()
+    if key in _GRAPHS:
+        return onnx.load_from_string(_GRAPHS[key])  # a copy: quantization edits it
+    model = export_fp32(Decoder(fw))
+    canonicalize(model, fw.layout)
+    if model.ByteSize() < 2**30:  # protobuf cannot serialize >= 2 GiB in one piece; big models are traced each time
+        if len(_GRAPHS) >= 4:
+            _GRAPHS.pop(next(iter(_GRAPHS)))
+        _GRAPHS[key] = model.SerializeToString()
+    return model
+
+
+def export(fw: FoldedWeights, scheme: Scheme, out: Path, ckpt, progress=lambda msg: None) -> dict:
+    out = Path(out)
+    times = {}
+    t0 = time.perf_counter()
+    progress("onnx: torch.onnx.export (dynamo)")
+    model = fp32_graph(fw)
+    times["export_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    progress(f"onnx: quantize ({scheme.name})")
+    model = quantize(model, scheme, fw.layout)
+    times["quantize_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    onnx.save_model(model, out / MODEL, save_as_external_data=True, location=DATA, size_threshold=1024)
+    write_probes(out, fw.cfg.dim, fw.tensors["inv_gain"].numpy())
+    (out / "genai_config.json").write_text(json.dumps(genai_config(fw, ckpt), indent=2))
+    if ckpt is not None:
+        (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(ckpt, fw.cfg), indent=2))
+    progress("onnx: ORT mobile format")
+    to_ort_format(out / MODEL, out / ORT_MODEL)
+    times["write_s"] = time.perf_counter() - t0
+    return {
+        "onnx": {
+            "opset": OPSET,
+            "model_bytes": (out / MODEL).stat().st_size + (out / DATA).stat().st_size,  # what onnxruntime(-genai) loads
+            "ort_bytes": (out / ORT_MODEL).stat().st_size,
+            "ops": _op_counts(model),
+            **{k: round(v, 2) for k, v in times.items()},
+        }
+    }
+
+
+def _op_counts(model: onnx.ModelProto) -> dict[str, int]:
+    ops: dict[str, int] = {}
+    for n in model.graph.node:
+        if n.op_type in ("MatMul", "MatMulNBits", "Gather", "GatherBlockQuantized"):
+            ops[n.op_type] = ops.get(n.op_type, 0) + 1
+    return ops

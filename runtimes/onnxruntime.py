@@ -1,0 +1,79 @@
+"""ONNX Runtime session (CPU EP) over an onnx-cpu artifact: model.onnx with past/present KV, embed/unembed probes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from .base import register
+
+
+def _session(path: Path, threads: int | None) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    if threads:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+class OrtSession:
+    """prefill/decode feed the kept present k/v back as past, truncated to start_pos (positions >= start_pos are
+    recomputed); batch 1."""
+
+    def __init__(self, path, threads: int | None = None, model_file: str = "model.onnx"):
+        path = Path(path)
+        meta = json.loads((path / "pit_export.json").read_text())
+        cfg = json.loads((path / "config.json").read_text())
+        self.scheme = meta.get("scheme", "fp32")
+        self.name = f"onnxruntime {model_file} ({self.scheme}, {meta.get('layout', '?')})"
+        self.vocab_size, self.hidden_size, self.max_seq_len = cfg["vocab_size"], cfg["dim"], cfg["max_seq_len"]
+        self.kv_shape = (1, cfg["n_kv_heads"], 0, cfg["dim"] // cfg["n_heads"])
+        self.model = _session(path / model_file, threads)
+        self._embed = _session(path / "embed.onnx", threads)
+        self._unembed = _session(path / "unembed.onnx", threads)
+        self.past_names = [i.name for i in self.model.get_inputs() if i.name.startswith("past_key_values.")]
+        self.out_names = [o.name for o in self.model.get_outputs()]
+        self.reset()
+
+    def reset(self):
+        self.past = [np.zeros(self.kv_shape, np.float32) for _ in self.past_names]
+
+    def prefill(self, tokens, start_pos):
+        tokens = np.asarray(tokens, dtype=np.int64)
+        n = len(tokens)
+        if start_pos > self.past[0].shape[2] or start_pos + n > self.max_seq_len:
+            raise ValueError(f"positions {start_pos}..{start_pos + n} do not follow the cache or exceed max_seq_len")
+        feeds = {
+            "input_ids": tokens[None],
+            "attention_mask": np.ones((1, start_pos + n), np.int64),
+            "position_ids": np.arange(start_pos, start_pos + n, dtype=np.int64)[None],
+        }
+        feeds |= {k: p[:, :, :start_pos] for k, p in zip(self.past_names, self.past, strict=True)}
+        logits, *present = self.model.run(self.out_names, feeds)
+        self.past = present
+        return logits[0]
+
+    def decode(self, token, pos):
+        return self.prefill(np.array([token]), pos)[0]
+
+    def embed(self, tokens):
+        return self._embed.run(None, {"input_ids": np.asarray(tokens, dtype=np.int64)[None]})[0][0]
+
+    def unembed(self, hidden):
+        return self._unembed.run(None, {"hidden": np.asarray(hidden, dtype=np.float32)[None]})[0][0]
+
+    def close(self):
+        self.model = self._embed = self._unembed = None
+
+
+@register("onnx")
+def open_onnx(path, threads: int | None = None, model_file: str = "model.onnx", **_):
+    from pit_export.errors import BadInput
+
+    try:
+        return OrtSession(path, threads, model_file)
+    except (OSError, KeyError, ValueError, ort.capi.onnxruntime_pybind11_state.Fail) as e:
+        raise BadInput(f"{path}: not a loadable onnx artifact ({str(e).splitlines()[0][:200]})") from None

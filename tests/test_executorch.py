@@ -1,0 +1,124 @@
+"""Android target through the real ExecuTorch runtime (XNNPACK): parity with the training graph, the KV cache
+contract, quantization quality, the LLM runner's view of the artifact, and the CLI. One export per scheme."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from pit_export.runtimes import greedy_generate, open_session
+from pit_export.runtimes.pytorch import ReferenceSession
+
+from pit_export.export import export_artifact
+from pit_export.fold import fold
+from pit_export.validate import GATES, validate
+
+from .conftest import DEFAULT_MODEL, ROOT
+
+
+@pytest.fixture(scope="module")
+def fp32_dir(pit_ckpt, tmp_path_factory):
+    """The default model at fp32 in a shared-table layout (model.pte + model.ptd), exported once."""
+    out = tmp_path_factory.mktemp("et") / "fp32"
+    export_artifact(pit_ckpt, "android", out, scheme="fp32", layout="shared-z")
+    return out
+
+
+@pytest.fixture(scope="module")
+def fp32_session(fp32_dir):
+    s = open_session(fp32_dir)
+    yield s
+    s.close()
+
+
+def test_fp32_matches_training_graph(pit_ckpt, heldout, fp32_session):
+    res = validate(ReferenceSession(pit_ckpt.model), fp32_session, heldout, "fp32")
+    assert res.passed, res.failures()
+    assert res.metrics["greedy_tokens"] == 64
+
+
+def test_reset_needs_no_cache_clearing(fp32_dir, fp32_session, heldout):
+    """Stale cache slots past the current position are masked to exact zero weight: a new sequence from position
+    0 after a longer one gives bit-identical logits to a freshly loaded program."""
+    fp32_session.reset()
+    fp32_session.prefill(heldout[0, :200], 0)
+    fp32_session.reset()
+    reused = fp32_session.prefill(heldout[1, :50], 0)
+    fresh = open_session(fp32_dir)
+    assert np.array_equal(reused, fresh.prefill(heldout[1, :50], 0))
+    fresh.close()
+
+
+def test_prefill_bounds_cover_the_context(fp32_session, heldout):
+    """The dynamic sequence dimension reaches max_seq_len (not max - 1) and decode continues a chunked prefill."""
+    n = fp32_session.max_seq_len
+    full = fp32_session.prefill(heldout[0, :n], 0)
+    assert full.shape == (n, fp32_session.vocab_size)
+    fp32_session.prefill(heldout[0, : n - 2], 0)
+    tail = fp32_session.prefill(heldout[0, n - 2 : n - 1], n - 2)
+    last = fp32_session.decode(int(heldout[0, n - 1]), n - 1)
+    # same math, different matmul blocking for 1 row vs n rows: fp32 parity gate
+    np.testing.assert_allclose(np.stack([tail[0], last]), full[-2:], atol=GATES["fp32"]["max_abs_logit"][1], rtol=0)
+
+
+def test_runner_metadata(fp32_dir, pit_ckpt):
+    from executorch.runtime import Runtime
+
+    cfg = pit_ckpt.config
+    prog = Runtime.get().load_program(fp32_dir / "model.pte", data_path=fp32_dir / "model.ptd")
+    want = {"get_max_seq_len": cfg.max_seq_len, "get_vocab_size": cfg.vocab_size, "get_bos_id": cfg.bos_id}
+    assert {"forward", "embed", "unembed", "get_eos_ids", "use_kv_cache", *want} <= set(prog.method_names)
+    for name, value in want.items():
+        assert prog.load_method(name).execute([]) == [value]
+
+
+def test_executorch_llm_runner_generates_our_tokens(fp32_dir, fp32_session):
+    """ExecuTorch's own C++ LLM runner (what the demo apps use) loads the .pte and decodes greedily like we do."""
+    runner_mod = pytest.importorskip("executorch.extension.llm.runner")
+    from tokenizers import Tokenizer
+
+    folder = fp32_dir
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    prompt, n = "def read_file(path):", 24
+    pieces: list[str] = []
+    runner = runner_mod.TextLLMRunner(*(str(folder / f) for f in ("model.pte", "tokenizer.json", "model.ptd")))
+    runner.generate(prompt, runner_mod.GenerationConfig(max_new_tokens=n, temperature=0.0, echo=False), pieces.append)
+    ours = greedy_generate(fp32_session, tok.encode(prompt).ids, n)
+    assert "".join(pieces) == tok.decode(ours)
+
+
+def test_cli_exports_default_target_within_8da4w_gate(tmp_path):
+    """`pit-export export --target android` (8da4w, untied) validates through the .pte before writing: exit 0 means
+    the perplexity-ratio gate (<= 1.03) held on 8 held-out windows."""
+    out = tmp_path / "android"
+    cmd = [
+        sys.executable,
+        "-m",
+        "pit_export.cli",
+        "export",
+        str(DEFAULT_MODEL),
+        "--target",
+        "android",
+        "--out",
+        str(out),
+    ]
+    cmd += ["--scheme", "8da4w", "--n-windows", "8", "--n-greedy", "16"]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    meta = json.loads((out / "pit_export.json").read_text())
+    assert (out / "model.pte").is_file() and meta["backend"] == "executorch" and meta["scheme"] == "8da4w"
+    m = meta["validation"]["metrics"]
+    print(json.dumps({k: m[k] for k in ("kl_mean", "kl_p99", "top1", "ppl_ratio", "interface_err_max")}))
+    assert meta["validation"]["passed"] and m["ppl_ratio"] <= GATES["8da4w"]["ppl_ratio"][1]
+    assert m["kl_mean"] < 0.05 and m["top1"] > 0.8  # what a 4-bit model should keep (llama.cpp's Q4 range)
+
+
+def test_shared_table_is_stored_once(fp32_dir, pit_ckpt):
+    """Gather and head read one table: with the weights in model.ptd (content-deduplicated named data) the artifact
+    is the size of the folded shared-z weights, one V x d table, plus a small overhead; embed/unembed add nothing."""
+    params = sum(v.numel() for v in fold(pit_ckpt, "shared-z")[0].tensors.values())
+    size = sum((fp32_dir / f).stat().st_size for f in ("model.pte", "model.ptd"))
+    d, V = pit_ckpt.config.dim, pit_ckpt.config.vocab_size
+    assert size < 4 * (params + V * d / 2)  # a second table copy would add 4 V d bytes

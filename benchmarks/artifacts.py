@@ -17,6 +17,7 @@ import numpy as np
 from pit_export.models.checkpoint import load_checkpoint
 from pit_export.models.train import heldout_windows
 from pit_export.runtimes import greedy_generate, open_session
+from pit_export.runtimes.genai import genai_greedy
 from pit_export.runtimes.pytorch import ReferenceSession
 
 from pit_export.export import export_artifact
@@ -28,21 +29,6 @@ COMBOS = {
     "android": [("fp32", None), ("int8", None), ("8da4w", None), ("8da4w", 4)],
 }
 COLS = ["max_abs_logit", "top1", "kl_mean", "kl_p99", "ppl_ratio", "interface_err_max", "greedy_agree"]
-
-
-def genai_tokens(path: Path, prompt: list[int], n: int) -> list[int]:
-    import onnxruntime_genai as og
-
-    model = og.Model(str(path))
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(prompt) + n, do_sample=False)
-    gen = og.Generator(model, params)
-    gen.append_tokens(prompt)
-    out = []
-    while len(out) < n and not gen.is_done():
-        gen.generate_next_token()
-        out.append(int(gen.get_next_tokens()[0]))
-    return out
 
 
 def deployed_bytes(man: dict) -> int:
@@ -69,7 +55,7 @@ def run(model_dir: Path, tmp: Path, target: str) -> list[dict]:
             wall = time.perf_counter() - t0
             sess = open_session(out, threads=2)
             res = validate(ref, sess, held, sess.scheme)
-            genai = genai_tokens(out, prompt, 64) == greedy_generate(sess, prompt, 64) if "onnx" in man else None
+            genai = genai_greedy(out, prompt, 64) == greedy_generate(sess, prompt, 64) if "onnx" in man else None
             rows.append(
                 {
                     "model": model_dir.name,

@@ -160,6 +160,13 @@ def check_gates(metrics: dict[str, float], scheme: str, gates=None) -> list[Gate
     return out
 
 
+def eval_windows(heldout: np.ndarray, cfg: ValidateConfig, max_seq_len: int) -> np.ndarray:
+    """The windows validation runs on: n_windows spread evenly over the held-out split (it spans many files)."""
+    L = min(cfg.window_len or max_seq_len, max_seq_len, heldout.shape[1])
+    pick = np.linspace(0, len(heldout) - 1, min(cfg.n_windows, len(heldout))).round().astype(int)
+    return np.asarray(heldout[pick, :L], dtype=np.int64)
+
+
 def validate(
     ref,
     art: Session,
@@ -171,9 +178,7 @@ def validate(
 ) -> ValidationResult:
     """heldout: token windows [n, len] from the held-out split (models.train.heldout_windows)."""
     cfg = cfg or ValidateConfig()
-    L = min(cfg.window_len or art.max_seq_len, art.max_seq_len, heldout.shape[1])
-    pick = np.linspace(0, len(heldout) - 1, min(cfg.n_windows, len(heldout))).round().astype(int)  # spread over files
-    windows = np.asarray(heldout[pick, :L], dtype=np.int64)
+    windows = eval_windows(heldout, cfg, art.max_seq_len)
     step = progress or (lambda _msg: None)
     step("logits")
     metrics = compare_logits(ref, art, windows)

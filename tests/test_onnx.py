@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 import pytest
 from pit_export.runtimes import greedy_generate, open_session
+from pit_export.runtimes.genai import genai_greedy
 from pit_export.runtimes.pytorch import ReferenceSession
 
 from pit_export.export import export_artifact
@@ -188,19 +189,6 @@ def test_ort_mobile_format_matches(artifact, heldout, scheme):
 
 
 # ---------------------------------------------------------------- onnxruntime-genai
-
-
-def genai_greedy(path, prompt_ids, n):
-    model = og.Model(str(path))
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(prompt_ids) + n, do_sample=False)
-    gen = og.Generator(model, params)
-    gen.append_tokens(prompt_ids)
-    out = []
-    while len(out) < n and not gen.is_done():
-        gen.generate_next_token()
-        out.append(int(gen.get_next_tokens()[0]))
-    return out
 
 
 @pytest.mark.parametrize("scheme", ["fp32", "int4"])

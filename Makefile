@@ -3,6 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEFAULT_MODEL := models/pit-tiny
+BASELINE_MODEL := models/tied-tiny
 
 .PHONY: demo test test-slow lint install clean
 
@@ -18,14 +19,13 @@ $(STAMP): $(BIN)/python pyproject.toml constraints.txt
 
 install: $(STAMP)
 
-# The main job on the embedded default model: check it, export for Android and ONNX Runtime (each validated through
-# its own runtime before it is written), then generate from the ONNX artifact.
+# The main job on the embedded default model: fold, quantize, export for every target, validate each artifact through
+# its own runtime, report (sizes against the tied baseline), then generate from the ONNX artifact.
 demo: $(STAMP)
 	$(BIN)/pit-export inspect $(DEFAULT_MODEL)
-	$(BIN)/pit-export validate $(DEFAULT_MODEL) --layout untied,shared-z --n-windows 4
-	$(BIN)/pit-export export $(DEFAULT_MODEL) --target android --out out/android
-	$(BIN)/pit-export export $(DEFAULT_MODEL) --target onnx-cpu --out out/onnx-cpu
-	$(BIN)/pit-export generate out/onnx-cpu --prompt "def read_file(path):" --max-new-tokens 48
+	$(BIN)/pit-export export $(DEFAULT_MODEL) --target all --baseline $(BASELINE_MODEL) --out out/demo --force
+	$(BIN)/pit-export generate out/demo/onnx-cpu --prompt "def read_file(path):" --max-new-tokens 48
+	@echo "report: out/demo/report.md (machine-readable: out/demo/report.json)"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

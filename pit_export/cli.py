@@ -136,14 +136,6 @@ def fold_cmd(
     _emit({"out": str(out_dir), **asdict(rep)}, json_out, _kv_table(f"folded {ckpt} -> {out_dir}", asdict(rep)))
 
 
-def _heldout(c, n_windows: int):
-    import numpy as np
-
-    from pit_export.models.train import heldout_windows
-
-    return np.asarray(heldout_windows(c.tokenizer, c.config)[:n_windows])
-
-
 def _result_table(res) -> Table:
     t = Table(title=f"{res.session} vs training graph [{res.scheme}]", title_justify="left")
     for col in ("metric", "value", "gate", "ok"):
@@ -170,6 +162,7 @@ def validate(
     ] = None,
     n_windows: Annotated[int, typer.Option(help="Held-out windows for logits and perplexity.")] = 8,
     n_greedy: Annotated[int, typer.Option(help="Greedy tokens compared.")] = 64,
+    gates: Annotated[Path | None, typer.Option(help="JSON gate overrides (see export --help).")] = None,
     threads: ThreadsOpt = 2,
     json_out: JsonOpt = False,
 ):
@@ -177,14 +170,16 @@ def validate(
     from pit_export.fold import fold, layouts_for
     from pit_export.runtimes import open_session
     from pit_export.runtimes.pytorch import FoldedSession
+    from pit_export.validate import load_gates
 
+    table = load_gates(gates) if gates else None
     c = _load(ckpt)
     if artifact:
         targets = [(str(a), lambda a=a: open_session(a, threads=threads)) for a in artifact]
     else:
         names = layouts_for(c.config.tying) if layout == "all" else tuple(layout.split(","))
         targets = [(f"fold {n}", lambda n=n: FoldedSession(fold(c, n)[0], threads)) for n in names]
-    results = _validate_sessions(c, targets, scheme, n_windows, n_greedy, threads, json_out)
+    results = _validate_sessions(c, targets, scheme, n_windows, n_greedy, threads, json_out, table)
     _emit(
         {"checkpoint": str(ckpt), "results": [r.to_dict() for r in results], "passed": all(r.passed for r in results)},
         json_out,
@@ -194,25 +189,28 @@ def validate(
         raise e
 
 
-def _validate_sessions(ckpt, openers, scheme, n_windows, n_greedy, threads, json_out):
+def _validate_sessions(ckpt, openers, scheme, n_windows, n_greedy, threads, json_out, gate_table=None):
     """Validate each (label, opener) against the training graph; prints tables, returns results."""
+    from pit_export.pipeline import heldout
     from pit_export.runtimes.pytorch import ReferenceSession
-    from pit_export.validate import ValidateConfig
+    from pit_export.validate import ValidateConfig, gates_for
     from pit_export.validate import validate as run_validate
 
     ref = ReferenceSession(ckpt.model, threads)
-    held = _heldout(ckpt, n_windows)
+    held = heldout(ckpt, n_windows)
     results = []
     with progress(not json_out) as p:
         for label, opener in openers:
             task = p.add_task(label, total=None)
             sess = opener()
+            sch = scheme or getattr(sess, "scheme", "fp32")
             res = run_validate(
                 ref,
                 sess,
                 held,
-                scheme or getattr(sess, "scheme", "fp32"),
+                sch,
                 ValidateConfig(n_greedy=n_greedy),
+                gates=gates_for(sch, gate_table),
                 progress=lambda m, task=task, label=label: p.update(task, description=f"{label}: {m}"),
             )
             sess.close()
@@ -235,56 +233,78 @@ def _gate_error(results) -> GateFailed | None:
 @app.command("export")
 def export_cmd(
     ckpt: CkptArg,
-    target: Annotated[str, typer.Option(help="android | onnx-cpu | ios")],
-    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Artifact folder to write.")],
-    scheme: Annotated[str | None, typer.Option(help="fp32 | int8 | 8da4w | int4 (default: the target's).")] = None,
+    target: Annotated[str, typer.Option(help="android | onnx-cpu | ios | all (or a comma-separated list).")],
+    out_dir: Annotated[
+        Path, typer.Option("--out", "-o", help="Output folder: one artifact folder per target + report.")
+    ],
+    scheme: Annotated[
+        str | None, typer.Option(help="fp32 | int8 | 8da4w | int4 ... (default: each target's preset).")
+    ] = None,
     layout: Annotated[str | None, typer.Option(help="untied | shared-z | shared-e (default: the target's).")] = None,
-    embedding_bits: Annotated[int | None, typer.Option(help="Quantize the embedding table to 4 or 8 bits.")] = None,
-    check: Annotated[bool, typer.Option("--validate/--no-validate", help="Run the gates before writing.")] = True,
+    embedding_bits: Annotated[
+        int | None, typer.Option(help="Embedding table bits: 4, 8, or 0 for float (default: the preset's).")
+    ] = None,
+    gates: Annotated[
+        Path | None, typer.Option(help='JSON gate overrides, e.g. {"int4": {"ppl_ratio": ["<=", 1.02]}}.')
+    ] = None,
+    baseline: Annotated[
+        Path | None, typer.Option(help="Tied checkpoint exported with the same presets, for size comparison.")
+    ] = None,
+    keep_failed: Annotated[bool, typer.Option(help="Keep artifacts that fail their gates (marked failed).")] = False,
+    force: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
     n_windows: Annotated[int, typer.Option(help="Held-out windows for validation.")] = 8,
     n_greedy: Annotated[int, typer.Option(help="Greedy tokens compared.")] = 64,
     threads: ThreadsOpt = 2,
     json_out: JsonOpt = False,
 ):
-    """Fold, quantize and export for a target, validate through the real runtime, then write (exit 3 on a gate)."""
-    from pit_export.export import export_artifact
-    from pit_export.runtimes import open_session
+    """Fold -> quantize -> export -> validate (through each real runtime) -> report; exit 3 if a gate fails."""
+    from pit_export import pipeline
+    from pit_export.report import summary_header, summary_rows
+    from pit_export.validate import load_gates
 
+    targets = pipeline.parse_targets(target)
+    if embedding_bits not in (None, 0, 4, 8):
+        raise BadInput(f"--embedding-bits must be 0, 4 or 8, got {embedding_bits}")
+    opts = pipeline.PipelineOptions(
+        scheme=scheme,
+        layout=layout,
+        embedding_bits=embedding_bits,
+        gates=load_gates(gates) if gates else None,
+        n_windows=n_windows,
+        n_greedy=n_greedy,
+        threads=threads,
+        keep_failed=keep_failed,
+        force=force,
+    )
+    if out_dir.exists() and not force:  # before any work: say it now, not after minutes of exporting
+        raise BadInput(f"{out_dir} exists; pass --force to replace it")
     c = _load(ckpt)
-
-    def run_checks(folder: Path) -> dict:
-        opener = (f"{target} artifact", lambda: open_session(folder, threads=threads))
-        results = _validate_sessions(c, [opener], None, n_windows, n_greedy, threads, json_out)
-        e = _gate_error(results)
-        if e:
-            raise e
-        return results[0].to_dict()
-
+    opts.baseline = _load(baseline) if baseline else None
     with progress(not json_out) as p:
-        task = p.add_task(f"export {target}", total=None)
+        tasks = {}
 
-        def step(msg: str):
-            p.update(task, description=f"export {target}: {msg}")
+        def step(name: str, msg: str):
+            if name not in tasks:
+                tasks[name] = p.add_task(name, total=None)
+            p.update(tasks[name], description=f"{name}: {msg}")
 
-        manifest = export_artifact(
-            c, target, out_dir, scheme, layout, embedding_bits, step, run_checks if check else None
-        )
-    sizes = {k: v["bytes"] for k, v in manifest["files"].items()}
-    summary = {
-        "out": str(out_dir),
-        "target": target,
-        "scheme": manifest["scheme"],
-        "layout": manifest["layout"],
-        "files": sizes,
-        "validation": manifest.get("validation"),
-    }
+        result = pipeline.run(c, targets, out_dir, opts, step, skip_unavailable=target == pipeline.ALL)
     if json_out:
-        _emit(summary, True)
+        _emit(json.loads((out_dir / "report.json").read_text()), True)
     else:
-        out.print(
-            f"[green]wrote[/green] {out_dir} ({manifest['scheme']}, {manifest['layout']}): "
-            + ", ".join(f"{k} {v / 1e6:.2f} MB" for k, v in sizes.items())
-        )
+        t = Table(title=f"pit-export {ckpt} -> {out_dir}", title_justify="left")
+        for col in summary_header():
+            t.add_column(col)
+        for row in summary_rows(result.artifacts + result.baseline):
+            t.add_row(*row)
+        out.print(t)
+        for a in result.artifacts:
+            if a.note:
+                out.print(f"[yellow]{a.target}[/yellow]: {a.note}", highlight=False)
+        out.print(f"report: {out_dir / 'report.md'} (CI: {out_dir / 'report.json'})")
+    e = pipeline.gate_error(result)
+    if e:
+        raise e
 
 
 @app.command()

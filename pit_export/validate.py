@@ -18,8 +18,13 @@ import numpy as np
 
 from pit_export.runtimes.base import Session, greedy_generate
 
-# Acceptance gates per quantization scheme. fp32 parity is exact up to op-ordering; quantized schemes are gated on
-# what users feel (perplexity) and the metrics above are reported alongside.
+# Acceptance gates per quantization scheme (base name: 8da4w+emb4 is gated as 8da4w).
+# fp32: the fold is exact up to op ordering; 1e-4 is coremltools' fp32 atol and ai-edge-torch's atol, well above the
+#   derived forward-error bound of our folds (~1e-5 on these logit scales), and W E - I <= 1e-5 is ~40x the elementwise
+#   rounding bound 2 gamma_{d+4} |W||E| of a d=192 fold. Greedy tokens must all agree (ai-edge-torch checks 30).
+# fp16: top-1 >= 99 % of positions (half precision flips near-ties only) and perplexity within 0.5 %.
+# int8: perplexity within 0.5 % (llama.cpp's Q8_0 costs ~0.04 % on Llama-3-8B: 8-bit weights are near-lossless).
+# 4-bit: perplexity within 3 % (llama.cpp's Q4_K_M costs ~2.8 %: the usual accepted price of 4-bit weights).
 GATES: dict[str, dict[str, tuple[str, float]]] = {
     "fp32": {
         "max_abs_logit": ("<=", 1e-4),
@@ -27,10 +32,11 @@ GATES: dict[str, dict[str, tuple[str, float]]] = {
         "greedy_agree": (">=", 1.0),
         "interface_err_max": ("<=", 1e-5),
     },
-    "fp16": {"ppl_ratio": ("<=", 1.005), "top1": (">=", 0.98)},
+    "fp16": {"ppl_ratio": ("<=", 1.005), "top1": (">=", 0.99)},
     "int8": {"ppl_ratio": ("<=", 1.005)},
     "8da4w": {"ppl_ratio": ("<=", 1.03)},
     "int4": {"ppl_ratio": ("<=", 1.03)},
+    "palettize4": {"ppl_ratio": ("<=", 1.03)},
 }
 OPS: dict[str, Callable[[float, float], bool]] = {"<=": lambda v, t: v <= t, ">=": lambda v, t: v >= t}
 
@@ -59,6 +65,8 @@ class ValidationResult:
     scheme: str
     metrics: dict[str, float]
     gates: list[GateResult] = field(default_factory=list)
+    # arrays for the report's plots (per-position KL, |delta logit| histogram, W E - I); not part of to_dict()
+    details: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     @property
     def passed(self) -> bool:
@@ -82,6 +90,10 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
+# log10 bins for the elementwise |delta logit| histogram (the report plots it); values below 1e-12 land in the first bin
+ABS_BINS = np.concatenate([[0.0], np.logspace(-12, 3, 61)])
+
+
 def logits_metrics(ref: np.ndarray, art: np.ndarray, targets: np.ndarray) -> dict[str, np.ndarray]:
     """Per-position arrays for one window: ref/art [n, V] float64, targets [n-1] (next tokens)."""
     lr, la = log_softmax(ref), log_softmax(art)
@@ -97,8 +109,11 @@ def logits_metrics(ref: np.ndarray, art: np.ndarray, targets: np.ndarray) -> dic
     }
 
 
-def compare_logits(ref: Session, art: Session, windows: np.ndarray, progress=None) -> dict[str, float]:
+def compare_logits(ref: Session, art: Session, windows: np.ndarray, details: dict | None = None) -> dict[str, float]:
+    """Logits metrics over the windows; `details` (if given) receives per-position KL [windows, len] and the
+    elementwise |delta| histogram counts over ABS_BINS."""
     acc: dict[str, list[np.ndarray]] = {}
+    hist = np.zeros(len(ABS_BINS) - 1, dtype=np.int64)
     for w in windows:
         ref.reset()
         art.reset()
@@ -106,9 +121,11 @@ def compare_logits(ref: Session, art: Session, windows: np.ndarray, progress=Non
         a = art.prefill(w, 0).astype(np.float64)
         for k, v in logits_metrics(r, a, w[1:]).items():
             acc.setdefault(k, []).append(v)
-        if progress:
-            progress()
+        hist += np.histogram(np.clip(np.abs(r - a), 0, ABS_BINS[-1]), ABS_BINS)[0]
     m = {k: np.concatenate(v) for k, v in acc.items()}
+    if details is not None:
+        details["kl_per_position"] = np.stack(acc["kl"])
+        details["abs_hist"] = hist
     nll_ref, nll_art = m["nll_ref"].mean(), m["nll_art"].mean()
     return {
         "max_abs_logit": float(m["abs"].max()),
@@ -130,7 +147,7 @@ def greedy_agreement(ref: Session, art: Session, prompt: list[int], n: int) -> d
     return {"greedy_agree": common / max(1, len(a)), "greedy_tokens": len(a), "greedy_first_diff": common}
 
 
-def interface_metrics(ref, art: Session, chunk: int = 512) -> dict[str, float]:
+def interface_metrics(ref, art: Session, chunk: int = 512, details: dict | None = None) -> dict[str, float]:
     """W_out E vs the reference product and the token round trip, through art's own embed/unembed."""
     d, V = art.hidden_size, art.vocab_size
     W = art.unembed(np.eye(d, dtype=np.float32)).astype(np.float64)  # d x V
@@ -143,6 +160,8 @@ def interface_metrics(ref, art: Session, chunk: int = 512) -> dict[str, float]:
         want = ref.round_trip_target(toks)
         rt_max = max(rt_max, float(np.abs(got - want).max()))
         rt_agree += int((got.argmax(-1) == want.argmax(-1)).sum())
+    if details is not None:
+        details["interface_err"] = err
     return {
         "interface_err_max": float(np.abs(err).max()),
         "interface_err_fro": float(np.linalg.norm(err)),
@@ -151,8 +170,54 @@ def interface_metrics(ref, art: Session, chunk: int = 512) -> dict[str, float]:
     }
 
 
+# every metric validate() reports, so a gate file cannot name one that never gets a value
+METRICS = (
+    "max_abs_logit cosine_min cosine_mean kl_mean kl_p99 top1 ppl_ref ppl_art ppl_ratio positions greedy_agree "
+    "greedy_tokens greedy_first_diff interface_err_max interface_err_fro round_trip_max_abs round_trip_argmax"
+).split()
+
+
+def load_gates(path) -> dict[str, dict[str, tuple[str, float]]]:
+    """A gate file overrides the defaults per scheme and metric, JSON: {"int4": {"ppl_ratio": ["<=", 1.02]}}.
+    Unknown schemes, metrics or ops are bad input, never silently ignored."""
+    import json
+    from pathlib import Path
+
+    from pit_export.errors import BadInput
+
+    try:
+        spec = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BadInput(f"gate file {path}: {e}") from None
+    if not isinstance(spec, dict):
+        raise BadInput(f"gate file {path}: expected an object of schemes")
+    table = {k: dict(v) for k, v in GATES.items()}
+    for scheme, metrics in spec.items():
+        if scheme not in GATES:
+            raise BadInput(f"gate file {path}: unknown scheme {scheme!r} (known: {', '.join(GATES)})")
+        if not isinstance(metrics, dict):
+            raise BadInput(f"gate file {path}: {scheme}: expected an object of metrics")
+        for metric, rule in metrics.items():
+            if metric not in METRICS:
+                raise BadInput(f"gate file {path}: {scheme}: unknown metric {metric!r}")
+            if rule is None:  # null drops a default gate
+                table[scheme].pop(metric, None)
+                continue
+            ok = isinstance(rule, list) and len(rule) == 2 and rule[0] in OPS
+            ok = ok and isinstance(rule[1], int | float) and not isinstance(rule[1], bool) and np.isfinite(rule[1])
+            if not ok:
+                raise BadInput(f'gate file {path}: {scheme}.{metric}: expected ["<=" or ">=", number], got {rule!r}')
+            table[scheme][metric] = (rule[0], float(rule[1]))
+    return table
+
+
+def gates_for(scheme: str, table: dict | None = None) -> dict[str, tuple[str, float]]:
+    return (GATES if table is None else table).get(scheme.split("+")[0], {})
+
+
 def check_gates(metrics: dict[str, float], scheme: str, gates=None) -> list[GateResult]:
-    spec = GATES.get(scheme.split("+")[0], {}) if gates is None else gates
+    """`gates`: one scheme's {metric: (op, threshold)}; default: the scheme's entry in GATES."""
+    spec = gates_for(scheme) if gates is None else gates
     out = []
     for metric, (op, thr) in spec.items():
         v = metrics.get(metric)
@@ -180,10 +245,11 @@ def validate(
     cfg = cfg or ValidateConfig()
     windows = eval_windows(heldout, cfg, art.max_seq_len)
     step = progress or (lambda _msg: None)
+    details: dict[str, np.ndarray] = {}
     step("logits")
-    metrics = compare_logits(ref, art, windows)
+    metrics = compare_logits(ref, art, windows, details)
     step("greedy")
     metrics |= greedy_agreement(ref, art, windows[-1, : cfg.prompt_len].tolist(), cfg.n_greedy)
     step("interface")
-    metrics |= interface_metrics(ref, art, cfg.round_trip_chunk)
-    return ValidationResult(art.name, scheme, metrics, check_gates(metrics, scheme, gates))
+    metrics |= interface_metrics(ref, art, cfg.round_trip_chunk, details)
+    return ValidationResult(art.name, scheme, metrics, check_gates(metrics, scheme, gates), details)

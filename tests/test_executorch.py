@@ -90,9 +90,9 @@ def test_executorch_llm_runner_generates_our_tokens(fp32_dir, fp32_session):
 
 
 def test_cli_exports_default_target_within_8da4w_gate(tmp_path):
-    """`pit-export export --target android` (8da4w, untied) validates through the .pte before writing: exit 0 means
-    the perplexity-ratio gate (<= 1.03) held on 8 held-out windows."""
-    out = tmp_path / "android"
+    """`pit-export export --target android` (preset: 8da4w + 4-bit embedding, untied) validates through the .pte
+    before writing: exit 0 means the perplexity-ratio gate (<= 1.03) held on 8 held-out windows."""
+    root = tmp_path / "out"
     cmd = [
         sys.executable,
         "-m",
@@ -102,13 +102,14 @@ def test_cli_exports_default_target_within_8da4w_gate(tmp_path):
         "--target",
         "android",
         "--out",
-        str(out),
+        str(root),
     ]
-    cmd += ["--scheme", "8da4w", "--n-windows", "8", "--n-greedy", "16"]
+    cmd += ["--n-windows", "8", "--n-greedy", "16"]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
     assert r.returncode == 0, r.stderr[-2000:]
+    out = root / "android"
     meta = json.loads((out / "pit_export.json").read_text())
-    assert (out / "model.pte").is_file() and meta["backend"] == "executorch" and meta["scheme"] == "8da4w"
+    assert (out / "model.pte").is_file() and meta["backend"] == "executorch" and meta["scheme"] == "8da4w+emb4"
     m = meta["validation"]["metrics"]
     print(json.dumps({k: m[k] for k in ("kl_mean", "kl_p99", "top1", "ppl_ratio", "interface_err_max")}))
     assert meta["validation"]["passed"] and m["ppl_ratio"] <= GATES["8da4w"]["ppl_ratio"][1]

@@ -5,8 +5,6 @@ through its own entry points: model.onnx (past/present KV), embed.onnx / unembed
 onnxruntime-genai folder."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import onnx
@@ -19,7 +17,7 @@ from pit_export.export import export_artifact
 from pit_export.export.onnx import EMB_OUT, HEAD_IN, HEAD_W, LOGITS
 from pit_export.validate import GATES, validate
 
-from .conftest import DEFAULT_MODEL, TIED_MODEL
+from .conftest import TIED_MODEL
 
 og = pytest.importorskip("onnxruntime_genai")
 
@@ -280,18 +278,3 @@ def test_compact_int4_is_the_size_of_a_tied_model(artifact, request):
     # the only extra is one 4-bit d x d (T^-1): d^2 (1/2 + 4/32 + 1/64) bytes, ~1.3 % here
     assert pit <= 1.02 * tied, (pit, tied)
     assert model_bytes(artifact("int4", "untied", 4)) > 1.2 * pit  # two 4-bit tables
-
-
-# ---------------------------------------------------------------- CLI
-
-
-def test_cli_export_onnx(tmp_path):
-    out = tmp_path / "cli"
-    cmd = [sys.executable, "-m", "pit_export.cli", "export", str(DEFAULT_MODEL), "--target", "onnx-cpu"]
-    cmd += ["--scheme", "fp32", "--out", str(out), "--n-windows", "2", "--n-greedy", "16"]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stderr[-2000:]
-    meta = json.loads((out / "pit_export.json").read_text())
-    assert meta["backend"] == "onnx" and meta["validation"]["passed"]
-    for f in ("model.onnx", "model.onnx.data", "model.ort", "embed.onnx", "unembed.onnx", "genai_config.json"):
-        assert (out / f).is_file(), f

@@ -34,14 +34,32 @@ class Target:
     scheme: str  # default quantization scheme
     layout: str  # default PIT layout
     description: str
+    embedding_bits: int | None = None  # default gather-table quantization
+    fallbacks: tuple[str, ...] = ()  # schemes the pipeline tries, in order, when the default fails its gates
 
 
+# Presets; the README's "Target presets" table gives the measurements behind each choice.
 TARGETS: dict[str, Target] = {
     t.name: t
     for t in (
-        Target("android", "executorch", "8da4w", "untied", "ExecuTorch .pte lowered to XNNPACK (Android / ARM CPUs)"),
-        Target("onnx-cpu", "onnx", "int4", "shared-z", "ONNX Runtime CPU / mobile, onnxruntime-genai folder"),
-        Target("ios", "coreml", "int4", "shared-z", "CoreML .mlpackage (iOS 18+)"),
+        Target(
+            "android",
+            "executorch",
+            "8da4w",
+            "untied",
+            "ExecuTorch .pte lowered to XNNPACK (Android / ARM CPUs)",
+            embedding_bits=4,
+            fallbacks=("int8",),
+        ),
+        Target(
+            "onnx-cpu",
+            "onnx",
+            "int4",
+            "shared-z",
+            "ONNX Runtime CPU / mobile, onnxruntime-genai folder",
+            fallbacks=("int8",),
+        ),
+        Target("ios", "coreml", "int4", "shared-z", "CoreML .mlpackage (iOS 18+)", fallbacks=("int8",)),
     )
 }
 
@@ -108,6 +126,7 @@ def export_artifact(
                 "target": target,
                 "scheme": sch.name,
                 "layout": layout,
+                "embedding_bits": sch.embedding_bits,
                 "source": {"path": str(ckpt.path), "sha256": _sha(ckpt.path / "model.safetensors")},
                 "fold_report": asdict(fold_report),
                 "tools": tool_versions(),

@@ -1,0 +1,260 @@
+"""The one-command pipeline: for each target, fold -> quantize -> export -> validate, then the report.
+
+Output folder (built in a temporary sibling, renamed into place at the end; an existing one is replaced only with
+force):
+
+    OUT/manifest.json    checkpoint hash, config, tools, per-artifact files (sha256, bytes), scheme, layout, gates
+    OUT/report.md        for people; OUT/report.json for CI; OUT/plots/*.png
+    OUT/<target>/        one artifact folder per target (its own pit_export.json is what the runtimes read)
+    OUT/baseline/<target>/  the same presets applied to a tied baseline checkpoint, for the size comparison
+
+An artifact that fails its gates is left out (kept only with keep_failed) and the run ends with GateFailed after the
+report is written: the report says which metric of which artifact missed by how much.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from pit_export.errors import BadInput, GateFailed, Unavailable
+from pit_export.export import TARGETS, export_artifact, file_manifest, tool_versions
+from pit_export.models.checkpoint import Checkpoint, atomic_dir
+from pit_export.validate import ValidateConfig, ValidationResult, gates_for, validate
+
+ALL = "all"
+BASELINE = "baseline"
+
+
+@dataclass
+class PipelineOptions:
+    scheme: str | None = None  # None: each target's preset (with its fallback)
+    layout: str | None = None
+    embedding_bits: int | None = None
+    gates: dict | None = None  # full gate table (validate.load_gates); None: the defaults
+    n_windows: int = 8
+    n_greedy: int = 64
+    threads: int = 2
+    keep_failed: bool = False
+    force: bool = False
+    baseline: Checkpoint | None = None  # tied checkpoint exported with the same presets, for the size comparison
+
+
+@dataclass
+class ArtifactResult:
+    target: str
+    folder: str  # relative to OUT
+    status: str  # passed | failed | unavailable
+    scheme: str | None = None
+    layout: str | None = None
+    manifest: dict = field(default_factory=dict)  # the artifact's pit_export.json
+    validation: ValidationResult | None = None
+    note: str = ""
+    rejected: list[dict] = field(default_factory=list)  # earlier attempts (scheme, failed gates) before a fallback
+
+    @property
+    def files(self) -> dict[str, dict]:
+        return self.manifest.get("files", {})
+
+    @property
+    def bytes(self) -> int:
+        return sum(f["bytes"] for f in self.files.values())
+
+
+@dataclass
+class RunResult:
+    out: Path
+    checkpoint: Checkpoint
+    artifacts: list[ArtifactResult]
+    baseline: list[ArtifactResult]
+    options: PipelineOptions
+
+    @property
+    def failed(self) -> list[ArtifactResult]:
+        return [a for a in self.artifacts if a.status == "failed"]
+
+
+def parse_targets(spec: str) -> list[str]:
+    names = list(TARGETS) if spec == ALL else [t.strip() for t in spec.split(",") if t.strip()]
+    bad = [t for t in names if t not in TARGETS]
+    if bad or not names:
+        raise BadInput(f"unknown target {', '.join(bad) or spec!r} (choose from {', '.join(TARGETS)}, or {ALL})")
+    return names
+
+
+def baseline_layout(layout: str, tying: str) -> str:
+    """The tied model's counterpart of a PIT layout: its one shared table is E itself (shared-e)."""
+    return "shared-e" if tying == "tied" and layout == "shared-z" else layout
+
+
+def run(
+    ckpt: Checkpoint,
+    targets: list[str],
+    out: Path,
+    opts: PipelineOptions,
+    progress: Callable[[str, str], None] = lambda target, msg: None,
+    skip_unavailable: bool = False,
+) -> RunResult:
+    """Export, validate and report every target into `out`; see gate_error() for the verdict."""
+    from pit_export import report
+
+    out = Path(out)
+    if out.exists() and not opts.force:
+        raise BadInput(f"{out} exists; pass --force to replace it")
+    if out.exists() and not out.is_dir():
+        raise BadInput(f"{out} exists and is not a folder")
+    result = RunResult(out, ckpt, [], [], opts)
+
+    def write(tmp: Path):
+        for t in targets:
+            result.artifacts.append(_one_target(ckpt, t, tmp, t, opts, progress, skip_unavailable))
+        if opts.baseline is not None:
+            for a in result.artifacts:
+                if a.status == "unavailable":
+                    continue
+                layout = baseline_layout(a.layout, opts.baseline.config.tying)
+                base_opts = PipelineOptions(**{**opts.__dict__, "scheme": a.scheme.split("+")[0], "layout": layout})
+                base_opts.embedding_bits = a.manifest.get("embedding_bits")
+                r = _one_target(opts.baseline, a.target, tmp, f"{BASELINE}/{a.target}", base_opts, progress, True)
+                result.baseline.append(r)
+        progress("report", "writing report")
+        report.write(result, tmp)
+
+    atomic_dir(out, write)
+    return result
+
+
+def gate_error(result: RunResult) -> GateFailed | None:
+    """The exit-3 error for a run whose artifacts failed: which artifact, which metric, by how much."""
+    from pit_export.report import failure_text
+
+    if not result.failed:
+        return None
+    return GateFailed(
+        "gate failed: "
+        + "; ".join(f"{a.target}: {failure_text(g)}" for a in result.failed for g in a.validation.failures())
+        + f" (report: {result.out / 'report.md'})"
+    )
+
+
+def _one_target(ckpt, target, root: Path, rel: str, opts: PipelineOptions, progress, skip_unavailable):
+    preset = TARGETS[target]
+    schemes = [opts.scheme] if opts.scheme else [preset.scheme, *preset.fallbacks]
+    # the preset's embedding quantization goes with the preset's schemes; an explicit --scheme stands alone
+    emb_bits = (
+        opts.embedding_bits if opts.embedding_bits is not None else (None if opts.scheme else preset.embedding_bits)
+    )
+    emb_bits = emb_bits or None  # 0: float table
+    res = ArtifactResult(target, rel, "failed")
+    folder = root / rel
+    for i, scheme in enumerate(schemes):
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        checked: list[ValidationResult] = []
+
+        def check(tmp: Path, scheme=scheme, checked=checked) -> dict:
+            progress(rel, "validate")
+            r = validate_artifact(ckpt, tmp, opts, scheme)
+            checked.append(r)
+            return r.to_dict()
+
+        try:
+            manifest = export_artifact(
+                ckpt,
+                target,
+                folder,
+                scheme,
+                opts.layout,
+                emb_bits,
+                lambda msg: progress(rel, msg),
+                check,
+            )
+        except Unavailable as e:
+            if not skip_unavailable:
+                raise
+            return ArtifactResult(target, rel, "unavailable", note=str(e))
+        v = checked[0]
+        res = ArtifactResult(
+            target,
+            rel,
+            "passed" if v.passed else "failed",
+            manifest["scheme"],
+            manifest["layout"],
+            manifest,
+            v,
+            note=res.note,
+            rejected=res.rejected,
+        )
+        if v.passed:
+            break
+        res.rejected.append({"scheme": manifest["scheme"], "failures": [g.__dict__ for g in v.failures()]})
+        if i + 1 < len(schemes):
+            res.note = f"{manifest['scheme']} failed its gates; fell back to {schemes[i + 1]}"
+    if res.status == "failed" and not opts.keep_failed:
+        shutil.rmtree(folder, ignore_errors=True)
+        res.note = (res.note + "; " if res.note else "") + "artifact not written (failed its gates)"
+    return res
+
+
+def heldout(ckpt: Checkpoint, n_windows: int) -> np.ndarray:
+    """The held-out windows `pit-export validate` scores too, so both print the same numbers."""
+    from pit_export.models.train import heldout_windows
+
+    return np.asarray(heldout_windows(ckpt.tokenizer, ckpt.config)[:n_windows])
+
+
+def validate_artifact(ckpt: Checkpoint, folder: Path, opts: PipelineOptions, scheme: str) -> ValidationResult:
+    from pit_export.runtimes import open_session
+    from pit_export.runtimes.pytorch import ReferenceSession
+
+    ref = ReferenceSession(ckpt.model, opts.threads)
+    sess = open_session(folder, threads=opts.threads)
+    try:
+        scheme = getattr(sess, "scheme", scheme)
+        return validate(
+            ref,
+            sess,
+            heldout(ckpt, opts.n_windows),
+            scheme,
+            ValidateConfig(n_greedy=opts.n_greedy),
+            gates=gates_for(scheme, opts.gates),
+        )
+    finally:
+        sess.close()
+
+
+def manifest(result: RunResult) -> dict:
+    """The run's manifest.json: what went in, what came out, which gates held."""
+    ck = result.checkpoint
+
+    def entry(a: ArtifactResult) -> dict:
+        m = a.manifest
+        return {
+            "target": a.target,
+            "folder": a.folder,
+            "status": a.status,
+            "note": a.note,
+            "backend": m.get("backend"),
+            "scheme": a.scheme,
+            "layout": a.layout,
+            "bytes": a.bytes,
+            "files": a.files,
+            "gates": [g.__dict__ for g in a.validation.gates] if a.validation else [],
+            "rejected": a.rejected,
+        }
+
+    return {
+        "checkpoint": {
+            "path": str(ck.path),
+            "files": file_manifest(Path(ck.path)),
+            "config": ck.config.__dict__,
+        },
+        "baseline_checkpoint": str(result.options.baseline.path) if result.options.baseline else None,
+        "tools": tool_versions(),
+        "artifacts": [entry(a) for a in result.artifacts],
+        "baseline": [entry(a) for a in result.baseline],
+    }

@@ -1,0 +1,136 @@
+"""`pit-export export`: the one-command pipeline, its report and its gates (through the CLI, as users run it)."""
+
+import json
+import shutil
+
+import jsonschema
+import onnx
+import pytest
+from matplotlib import image
+from onnx import numpy_helper
+
+from pit_export.report import PLOTS, REPORT_SCHEMA
+from pit_export.validate import GATES
+
+from .conftest import DEFAULT_MODEL, TIED_MODEL
+from .test_cli import run
+
+FAST = ("--n-windows", "2", "--n-greedy", "16")
+
+
+@pytest.fixture(scope="module")
+def onnx_run(tmp_path_factory):
+    """The onnx-cpu preset with a gate file so strict on int4 that the pipeline must fall back to int8, plus the
+    tied baseline exported with the same presets."""
+    root = tmp_path_factory.mktemp("pipeline")
+    gates = root / "gates.json"
+    gates.write_text(json.dumps({"int4": {"ppl_ratio": ["<=", 1.0]}}))
+    out = root / "out"
+    p = run("export", DEFAULT_MODEL, "--target", "onnx-cpu", "--out", out, "--gates", gates,
+            "--baseline", TIED_MODEL, *FAST, "--json")  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    return out, json.loads(p.stdout)
+
+
+def test_report_schema_and_fallback(onnx_run):
+    out, printed = onnx_run
+    rep = json.loads((out / "report.json").read_text())
+    jsonschema.validate(rep, REPORT_SCHEMA)
+    assert printed == rep and rep["passed"]
+    (a,) = rep["artifacts"]
+    # int4 could not meet ppl_ratio <= 1.0 (quantization always costs something); int8 met its default gate
+    assert a["scheme"] == "int8" and a["status"] == "passed" and "fell back to int8" in a["note"]
+    assert a["rejected"][0]["scheme"] == "int4" and a["rejected"][0]["failures"][0]["metric"] == "ppl_ratio"
+    assert a["metrics"]["ppl_ratio"] <= GATES["int8"]["ppl_ratio"][1]
+    (b,) = rep["baseline"]
+    assert b["status"] == "passed" and b["layout"] == "shared-e" and b["scheme"] == "int8"
+    md = (out / "report.md").read_text()
+    assert "PIT vs tied baseline" in md and "fell back to int8" in md
+
+
+def test_manifest_hashes_match_files(onnx_run):
+    out, _ = onnx_run
+    man = json.loads((out / "manifest.json").read_text())
+    assert (
+        man["checkpoint"]["files"]["model.safetensors"]["bytes"] == (DEFAULT_MODEL / "model.safetensors").stat().st_size
+    )
+    assert man["tools"]["torch"].startswith("2.13.0")
+    for art in man["artifacts"] + man["baseline"]:
+        folder = out / art["folder"]
+        assert art["bytes"] == sum(f["bytes"] for f in art["files"].values()) > 0
+        for name, f in art["files"].items():
+            assert (folder / name).stat().st_size == f["bytes"]
+        assert all(g["passed"] for g in art["gates"])
+    for f in ("model.onnx", "model.onnx.data", "model.ort", "embed.onnx", "unembed.onnx", "genai_config.json"):
+        assert (out / "onnx-cpu" / f).is_file(), f
+
+
+def test_plots_are_real_images(onnx_run):
+    out, _ = onnx_run
+    for rel in PLOTS.values():
+        img = image.imread(out / rel)
+        assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
+        assert img.std() > 0.01, rel  # not a blank canvas
+
+
+def test_report_matches_validate(onnx_run):
+    """The report's numbers are the ones `pit-export validate` prints for the same artifact."""
+    out, rep = onnx_run
+    p = run("validate", DEFAULT_MODEL, "--artifact", out / "onnx-cpu", *FAST, "--json")
+    assert p.returncode == 0, p.stderr
+    got = json.loads(p.stdout)["results"][0]["metrics"]
+    want = rep["artifacts"][0]["metrics"]
+    assert got.keys() == want.keys()
+    for k in want:
+        assert got[k] == pytest.approx(want[k], rel=1e-9, abs=1e-12), k
+
+
+def test_damaged_artifact_fails_gate_exit_3(onnx_run, tmp_path):
+    """One weight perturbed (a norm gain, x50) in a copy of the passing artifact: its gate fails with exit 3."""
+    out, _ = onnx_run
+    bad = tmp_path / "damaged"
+    shutil.copytree(out / "onnx-cpu", bad)
+    model = onnx.load(bad / "model.onnx")
+    init = next(i for i in model.graph.initializer if "norm" in i.name and len(i.dims) == 1)
+    w = numpy_helper.to_array(init).copy()
+    w[3] *= 50
+    init.CopyFrom(numpy_helper.from_array(w, init.name))
+    onnx.save_model(model, bad / "model.onnx", save_as_external_data=True, location="model.onnx.data")
+    p = run("validate", DEFAULT_MODEL, "--artifact", bad, *FAST)
+    assert p.returncode == 3, p.stderr
+    assert "gate failed" in p.stderr and "ppl_ratio" in p.stderr and "Traceback" not in p.stderr
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "{not json",
+        '["int4"]',
+        '{"int5": {"ppl_ratio": ["<=", 1.02]}}',
+        '{"int4": {"perplexity": ["<=", 1.02]}}',
+        '{"int4": {"ppl_ratio": ["<", 1.02]}}',
+        '{"int4": {"ppl_ratio": ["<=", "1.02"]}}',
+        '{"int4": {"ppl_ratio": 1.02}}',
+    ],
+)
+def test_bad_gate_file_exit_2(tmp_path, spec):
+    f = tmp_path / "gates.json"
+    f.write_text(spec)
+    p = run("export", DEFAULT_MODEL, "--target", "onnx-cpu", "--out", tmp_path / "o", "--gates", f)
+    assert p.returncode == 2 and "gate file" in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_existing_output_needs_force(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    p = run("export", DEFAULT_MODEL, "--target", "onnx-cpu", "--out", out)
+    assert p.returncode == 2 and "--force" in p.stderr
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_unknown_target_exit_2(tmp_path):
+    p = run("export", DEFAULT_MODEL, "--target", "windows-phone", "--out", tmp_path / "o")
+    assert p.returncode == 2 and "unknown target" in p.stderr
+    assert not (tmp_path / "o").exists()

@@ -6,10 +6,14 @@ Weights are read with safetensors only (never unpickled).
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
 import shutil
+import signal
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,12 +25,28 @@ from tokenizers import Tokenizer
 from .pit import ModelConfig, Transformer, expected_shapes
 
 CONFIG, WEIGHTS, TOKENIZER = "config.json", "model.safetensors", "tokenizer.json"
+CHECKSUM = "model.safetensors.sha256"  # written on save, verified on load when present: catches any flipped bit
 # Z^T Z = I is checked at fp32 resolution: a QR/polar factor stored in fp32 deviates by ~sqrt(V) * 2^-24.
 ORTHO_TOL = 1e-4
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used. The message is one line, fit for a CLI."""
+
+
+class OutputError(OSError):
+    """The output location cannot take the result: it exists (and force is off), is not a folder, is not writable, or
+    the disk filled up. Nothing was written."""
+
+    def __init__(self, message: str, reason: str | None = None):
+        super().__init__(message)
+        self.reason = reason
+
+
+# write failures that are about the destination, not about our data
+_OUTPUT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR}
+# Z^T Z = I holds to fp32 resolution; T beyond this condition number loses more than half the fp32 digits in the fold
+MAX_COND_T = 1e8
 
 
 @dataclass
@@ -73,6 +93,10 @@ def check_tensors(cfg: ModelConfig, tensors: dict[str, torch.Tensor]) -> float |
     dmin = torch.diagonal(l).min().item()
     if dmin <= 0:
         raise CheckpointError(f"tensor pit.l has a non-positive diagonal (min = {dmin:.3g}); T = L L^T is not SPD")
+    sv = torch.linalg.svdvals(l)
+    cond = (sv.max() / sv.min()).item() ** 2  # T = L L^T
+    if not cond <= MAX_COND_T:
+        raise CheckpointError(f"tensor pit.l gives cond(T) = {cond:.3g} > {MAX_COND_T:g}; the fold would be inexact")
     err = orthonormality_error(tensors["pit.z"])
     if err > ORTHO_TOL:
         raise CheckpointError(f"tensor pit.z is not orthonormal: max |Z^T Z - I| = {err:.3g} > {ORTHO_TOL:g}")
@@ -94,6 +118,9 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         tensors = load_file(path / WEIGHTS)
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{path / WEIGHTS}: unreadable safetensors ({str(e).splitlines()[0]})") from None
+    for name, t in sorted(tensors.items()):  # before the float() below erases the evidence
+        if not t.is_floating_point():
+            raise CheckpointError(f"tensor {name} has dtype {t.dtype}, expected a float dtype")
     tensors = {k: v.float() for k, v in tensors.items()}
     ortho = check_tensors(cfg, tensors)
     try:
@@ -102,40 +129,130 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         raise CheckpointError(f"{path / TOKENIZER}: unreadable tokenizer ({str(e).splitlines()[0]})") from None
     if tok.get_vocab_size() != cfg.vocab_size:
         raise CheckpointError(f"tokenizer has {tok.get_vocab_size()} tokens, config vocab_size={cfg.vocab_size}")
+    if (path / CHECKSUM).is_file():
+        want = (path / CHECKSUM).read_text().split()[0] if (path / CHECKSUM).read_text().strip() else ""
+        if file_sha256(path / WEIGHTS) != want:
+            raise CheckpointError(f"{path / WEIGHTS}: sha256 differs from {CHECKSUM} (corrupted or modified file)")
     model = Transformer(cfg)
     model.load_checkpoint_state(tensors)
     model.eval().requires_grad_(False)
     return Checkpoint(path, cfg, model, tok, ortho)
 
 
-def atomic_dir(dest: Path, write) -> Path:
-    """Build a folder in a temporary sibling, then rename it into place: never a partial artifact.
+def atomic_dir(dest: Path, write, force: bool = False) -> Path:
+    """Build a folder in a temporary sibling, fsync it, then rename it into place: never a partial artifact.
 
-    An existing `dest` is replaced only once the new one is complete."""
+    An existing `dest` is refused unless `force`, and then replaced only once the new one is complete. Failures of
+    the destination (full disk, read-only, permissions) become OutputError; any exception (an interrupt included)
+    removes the temporary folder. Temporaries left by a killed process (SIGKILL cannot be caught) carry its pid and
+    are removed by the next run."""
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    if dest.exists() and not force:
+        raise OutputError(f"{dest} exists; pass --force to replace it")
+    if dest.exists() and not dest.is_dir():
+        raise OutputError(f"{dest} exists and is not a folder")
+    tmp = None
     try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        _remove_orphans(dest)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.{_TMP_TAG}{os.getpid()}-", dir=dest.parent))
         write(tmp)
-        if dest.exists():
-            old = dest.with_name(f".{dest.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            dest.rename(old)
-            tmp.rename(dest)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(dest)
+        _fsync_tree(tmp)
+        with _signals_deferred():  # an interrupt between the two renames would hide the old folder
+            if dest.exists():
+                old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.{_TMP_TAG}{os.getpid()}-old", dir=dest.parent))
+                old.rmdir()
+                dest.rename(old)
+                tmp.rename(dest)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                tmp.rename(dest)
+    except Exception as e:
+        reason = e.reason if isinstance(e, OutputError) else _output_failure(e)
+        if reason is None:
+            raise
+        # named after the folder the user asked for, not a nested temporary one
+        raise OutputError(f"{dest}: cannot write ({reason})", reason) from None
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
     return dest
 
 
-def save_checkpoint(dest, model: Transformer, tokenizer: Tokenizer, extra_files: dict[str, str] | None = None):
+_TMP_TAG = "pit-tmp-"  # .NAME.pit-tmp-PID-XXXX: the pid tells whether its writer is still running
+
+
+def _remove_orphans(dest: Path) -> None:
+    for p in dest.parent.glob(f".*.{_TMP_TAG}*"):
+        pid = p.name.rsplit(_TMP_TAG, 1)[1].split("-")[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextmanager
+def _signals_deferred():
+    sigs = {signal.SIGINT, signal.SIGTERM}
+    signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, sigs)
+
+
+def _output_failure(e: Exception) -> str | None:
+    """The destination's fault? OSErrors say so by errno; native writers (safetensors, onnxruntime) only in text."""
+    if isinstance(e, OSError) and e.errno in _OUTPUT_ERRNOS:
+        return e.strerror or str(e)
+    text = str(e)
+    for errnum in (errno.ENOSPC, errno.EFBIG, errno.EROFS, errno.EDQUOT):
+        msg = os.strerror(errnum)
+        if msg in text or f"os error {errnum})" in text:
+            return msg
+    return None
+
+
+def _fsync_tree(root: Path) -> None:
+    """Data on disk before the rename makes it visible (a crash after the rename must not expose empty files)."""
+    for p in sorted(root.rglob("*"), reverse=True):
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    fd = os.open(root, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def save_checkpoint(
+    dest, model: Transformer, tokenizer: Tokenizer, extra_files: dict[str, str] | None = None, force: bool = False
+):
     def write(tmp: Path):
         (tmp / CONFIG).write_text(model.cfg.to_json())
         save_file(model.state_for_checkpoint(), tmp / WEIGHTS, metadata={"format": "pt", "tying": model.cfg.tying})
+        (tmp / CHECKSUM).write_text(file_sha256(tmp / WEIGHTS) + "\n")
         tokenizer.save(str(tmp / TOKENIZER))
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
 
-    return atomic_dir(Path(dest), write)
+    return atomic_dir(Path(dest), write, force)

@@ -47,6 +47,19 @@ class ModelConfig:
         return self.dim // self.n_heads
 
     def validate(self) -> None:
+        for f in fields(self):
+            v = getattr(self, f.name)
+            want = {"int": int, "float": (int, float), "str": str, "bool": bool}.get(f.type)
+            if want is None:  # other annotations check themselves below
+                continue
+            if not isinstance(v, want) or (f.type in ("int", "float") and isinstance(v, bool)):
+                raise ValueError(f"{f.name} must be {f.type}, got {v!r}")
+            if f.type in ("int", "float") and not (v > 0 or (f.name in ("bos_id", "eos_id") and v >= 0)):
+                raise ValueError(f"{f.name} must be positive, got {v!r}")
+            if f.type == "float" and not math.isfinite(v):
+                raise ValueError(f"{f.name} must be finite, got {v!r}")
+        if max(self.bos_id, self.eos_id) >= self.vocab_size:
+            raise ValueError(f"bos_id/eos_id must be < vocab_size={self.vocab_size}")
         if self.tying not in TYINGS:
             raise ValueError(f"tying must be one of {TYINGS}, got {self.tying!r}")
         if self.dim % self.n_heads or self.n_heads % self.n_kv_heads:
@@ -61,6 +74,8 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelConfig:
+        if not isinstance(d, dict):
+            raise ValueError(f"expected a JSON object, got {type(d).__name__}")
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:

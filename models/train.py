@@ -121,7 +121,7 @@ def make_optimizer(model: Transformer, tc: TrainConfig) -> torch.optim.Optimizer
     return torch.optim.AdamW(groups, lr=tc.lr, betas=(0.9, 0.95))
 
 
-def train(out: Path, tc: TrainConfig, tokenizer_from: Path | None = None, progress=print) -> dict:
+def train(out: Path, tc: TrainConfig, tokenizer_from: Path | None = None, progress=print, force: bool = False) -> dict:
     torch.manual_seed(tc.seed)
     torch.set_num_threads(tc.threads)
     cfg = tc.model
@@ -179,7 +179,9 @@ def train(out: Path, tc: TrainConfig, tokenizer_from: Path | None = None, progre
         "train_config": {k: v for k, v in asdict(tc).items() if k != "model"},
     }
     card = model_card(metrics)
-    save_checkpoint(out, model, tok, {"train_metrics.json": json.dumps(metrics, indent=2), "README.md": card})
+    save_checkpoint(
+        out, model, tok, {"train_metrics.json": json.dumps(metrics, indent=2), "README.md": card}, force=force
+    )
     return metrics
 
 

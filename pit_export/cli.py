@@ -1,4 +1,5 @@
-"""pit-export command line. Exit codes: 0 ok, 2 bad input, 3 gate failed, 4 unavailable here, 130 interrupted."""
+"""pit-export command line. Exit codes: 0 ok, 1 internal error, 2 bad input, 3 gate failed, 4 unavailable here,
+5 output location unusable (exists without --force, not writable, disk full), 130/143 interrupted (SIGINT/SIGTERM)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from pit_export.errors import BAD_INPUT_ERRORS, EXIT_BAD_INPUT, EXIT_INTERRUPTED, BadInput, GateFailed, PitError
+from pit_export.errors import BadInput, GateFailed, Interrupted, exit_code
+from pit_export.models.checkpoint import CheckpointError, OutputError
 
 app = typer.Typer(
     add_completion=False,
@@ -32,6 +34,7 @@ STATE = {"debug": False}
 CkptArg = Annotated[Path, typer.Argument(help="Checkpoint folder (config.json, model.safetensors, tokenizer.json).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout.")]
 ThreadsOpt = Annotated[int, typer.Option(help="CPU threads for the runtimes.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing output folder.")]
 
 
 @app.callback()
@@ -52,6 +55,14 @@ def progress(enabled: bool = True):
         disable=not enabled,
     ) as p:
         yield p
+
+
+def _check_out(path: Path, force: bool):
+    """Before any work: an unusable output is said now, not after minutes of exporting (atomic_dir checks again)."""
+    if path.exists() and not force:
+        raise OutputError(f"{path} exists; pass --force to replace it")
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"{path} exists and is not a folder")
 
 
 def _load(path: Path):
@@ -123,14 +134,16 @@ def fold_cmd(
     ckpt: CkptArg,
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Folder for the folded model.")],
     layout: Annotated[str, typer.Option(help="untied | shared-z | shared-e")] = "shared-z",
+    force: ForceOpt = False,
     json_out: JsonOpt = False,
 ):
     """Fold the Cholesky transform into static matrices (float64 solves) and write a folded PyTorch model."""
     from pit_export.fold import fold, save_folded
 
+    _check_out(out_dir, force)
     c = _load(ckpt)
     fw, rep = fold(c, layout)
-    save_folded(out_dir, fw, rep, c)
+    save_folded(out_dir, fw, rep, c, force)
     for w in rep.warnings:
         err.print(f"[yellow]warning:[/yellow] {w}")
     _emit({"out": str(out_dir), **asdict(rep)}, json_out, _kv_table(f"folded {ckpt} -> {out_dir}", asdict(rep)))
@@ -251,7 +264,7 @@ def export_cmd(
         Path | None, typer.Option(help="Tied checkpoint exported with the same presets, for size comparison.")
     ] = None,
     keep_failed: Annotated[bool, typer.Option(help="Keep artifacts that fail their gates (marked failed).")] = False,
-    force: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+    force: ForceOpt = False,
     n_windows: Annotated[int, typer.Option(help="Held-out windows for validation.")] = 8,
     n_greedy: Annotated[int, typer.Option(help="Greedy tokens compared.")] = 64,
     threads: ThreadsOpt = 2,
@@ -263,8 +276,6 @@ def export_cmd(
     from pit_export.validate import load_gates
 
     targets = pipeline.parse_targets(target)
-    if embedding_bits not in (None, 0, 4, 8):
-        raise BadInput(f"--embedding-bits must be 0, 4 or 8, got {embedding_bits}")
     opts = pipeline.PipelineOptions(
         scheme=scheme,
         layout=layout,
@@ -276,8 +287,8 @@ def export_cmd(
         keep_failed=keep_failed,
         force=force,
     )
-    if out_dir.exists() and not force:  # before any work: say it now, not after minutes of exporting
-        raise BadInput(f"{out_dir} exists; pass --force to replace it")
+    pipeline.check_options(opts)
+    _check_out(out_dir, force)
     c = _load(ckpt)
     opts.baseline = _load(baseline) if baseline else None
     with progress(not json_out) as p:
@@ -365,6 +376,7 @@ def train(
     tokenizer_from: Annotated[Path | None, typer.Option(help="Reuse this checkpoint's tokenizer.")] = None,
     train_z: Annotated[bool, typer.Option(help="PIT: train Z too, re-orthonormalised after each step.")] = False,
     threads: ThreadsOpt = 2,
+    force: ForceOpt = False,
 ):
     """Train a small model (and BPE tokenizer) on the CPython stdlib corpus: how the default models were made."""
     from pit_export.models.pit import TYINGS, ModelConfig
@@ -373,6 +385,7 @@ def train(
 
     if tying not in TYINGS:
         raise BadInput(f"--tying must be one of {TYINGS}")
+    _check_out(out_dir, force)
     with progress() as p:
         task = p.add_task("training", total=steps)
 
@@ -387,8 +400,25 @@ def train(
             TrainConfig(steps=steps, threads=threads, model=ModelConfig(tying=tying, train_z=train_z)),
             tokenizer_from,
             report,
+            force,
         )
     out.print(f"held-out perplexity {m['heldout_ppl']:.2f} (unigram {m['unigram_ppl']:.2f}) -> {out_dir}")
+
+
+def quiet_toolchains():
+    """Toolchain chatter (deprecation warnings, exporter registration notes, runtime info logs) is not the user's
+    problem and would bury the one line that is; --debug keeps all of it."""
+    import warnings
+
+    warnings.simplefilter("ignore")
+    for name in ("torch", "torchao", "executorch", "onnxscript", "onnx_ir", "coremltools"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        import onnxruntime
+
+        onnxruntime.set_default_logger_severity(3)
+    except ImportError:
+        pass
 
 
 def main():
@@ -398,32 +428,36 @@ def main():
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # toolchain import chatter (torchao's optional CUDA kernels, torch pytree deprecations) is not the user's problem
     if "--debug" not in sys.argv:
-        logging.getLogger("torchao").setLevel(logging.ERROR)
-        logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+        quiet_toolchains()
     signal.signal(signal.SIGINT, _interrupted)
+    signal.signal(signal.SIGTERM, _interrupted)
     try:
         app()
-    except (*BAD_INPUT_ERRORS, PitError) as e:
-        if STATE["debug"]:
-            raise
-        code = e.exit_code if isinstance(e, PitError) else EXIT_BAD_INPUT
+    except Interrupted as e:
         err.print(f"[red]error:[/red] {e}", highlight=False)
-        sys.exit(code)
-    except (OSError, ValueError, RuntimeError) as e:
+        sys.exit(e.exit_code)
+    except Exception as e:
         if STATE["debug"]:
             raise
-        first = str(e).splitlines()[0] if str(e) else ""
-        err.print(f"[red]error:[/red] {type(e).__name__}: {first}", highlight=False)
-        sys.exit(1)
-
-
-class Interrupted(PitError):
-    exit_code = EXIT_INTERRUPTED
+        if STATE.get("signal"):  # a toolchain wrapped our Interrupted into its own error type
+            err.print(f"[red]error:[/red] {Interrupted(STATE['signal'])}", highlight=False)
+            sys.exit(128 + STATE["signal"])
+        code = exit_code(e)
+        known = code != 1 or isinstance(e, (CheckpointError, OutputError))
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if not known:  # a bug or an unanticipated toolchain failure: still one line, with the way to the traceback
+            msg = f"internal error: {type(e).__name__}: {msg} (run with --debug for the traceback)"
+        err.print(f"[red]error:[/red] {msg}", highlight=False)
+        sys.exit(code)
 
 
 def _interrupted(signum, frame):
-    # Not KeyboardInterrupt: click would turn that into "Aborted!" with exit 1.
-    raise Interrupted("interrupted")
+    # Not KeyboardInterrupt: click would turn that into "Aborted!" with exit 1. Raised inside the work, so every
+    # atomic_dir on the stack removes its temporary folder on the way out.
+    if STATE.get("signal"):  # already unwinding: let the cleanup finish
+        return
+    STATE["signal"] = signum
+    raise Interrupted(signum)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """One exception per exit code; the CLI turns them into a one-line message and the code."""
 
-from pit_export.models.checkpoint import CheckpointError
+from pit_export.models.checkpoint import CheckpointError, OutputError
 
 
 class PitError(Exception):
@@ -25,5 +25,26 @@ class Unavailable(PitError):
     exit_code = 4
 
 
-EXIT_OK, EXIT_BAD_INPUT, EXIT_GATE, EXIT_UNAVAILABLE, EXIT_INTERRUPTED = 0, 2, 3, 4, 130
+class Interrupted(BaseException):
+    """SIGINT (130) or SIGTERM (143): stopped cleanly, temporary output removed. A BaseException, like
+    KeyboardInterrupt, so toolchains that catch and wrap Exception (exporter pass managers do) let it through."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"interrupted by signal {signum}; no partial output is left")
+        self.exit_code = 128 + signum
+
+
+# 1 is left for internal errors (a bug: please report it with --debug's traceback)
+EXIT_OK, EXIT_BAD_INPUT, EXIT_GATE, EXIT_UNAVAILABLE, EXIT_OUTPUT = 0, 2, 3, 4, 5
+EXIT_SIGINT, EXIT_SIGTERM = 130, 143
 BAD_INPUT_ERRORS = (BadInput, CheckpointError)
+
+
+def exit_code(e: BaseException) -> int:
+    if isinstance(e, PitError):
+        return e.exit_code
+    if isinstance(e, OutputError):
+        return EXIT_OUTPUT
+    if isinstance(e, CheckpointError):
+        return EXIT_BAD_INPUT
+    return 1

@@ -169,7 +169,7 @@ def _warnings(layout: str, cond: float) -> list[str]:
 # ---------------------------------------------------------------- folded checkpoint on disk (backend "torch")
 
 
-def save_folded(dest: Path, fw: FoldedWeights, report: FoldReport, ckpt: Checkpoint) -> Path:
+def save_folded(dest: Path, fw: FoldedWeights, report: FoldReport, ckpt: Checkpoint, force: bool = False) -> Path:
     def write(tmp: Path):
         save_file(fw.tensors, tmp / FOLDED_WEIGHTS, metadata={"layout": fw.layout})
         (tmp / CONFIG).write_text(fw.cfg.to_json())
@@ -178,7 +178,7 @@ def save_folded(dest: Path, fw: FoldedWeights, report: FoldReport, ckpt: Checkpo
         meta["fold_report"] = asdict(report)
         (tmp / FOLDED_META).write_text(json.dumps(meta, indent=2))
 
-    return atomic_dir(dest, write)
+    return atomic_dir(dest, write, force)
 
 
 def load_folded(path: Path) -> FoldedWeights:

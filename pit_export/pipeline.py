@@ -62,7 +62,9 @@ class ArtifactResult:
 
     @property
     def bytes(self) -> int:
-        return sum(f["bytes"] for f in self.files.values())
+        """Deployed size: the files an app ships (the folder also holds probes, tokenizer, alternative formats)."""
+        ship = self.manifest.get("deploy_files") or list(self.files)
+        return sum(self.files[f]["bytes"] for f in ship if f in self.files)
 
 
 @dataclass
@@ -86,6 +88,19 @@ def parse_targets(spec: str) -> list[str]:
     return names
 
 
+def check_options(opts: PipelineOptions) -> None:
+    """Names are checked before any work starts."""
+    from pit_export.fold import LAYOUTS
+    from pit_export.quantize import get_scheme
+
+    if opts.scheme is not None:
+        get_scheme(opts.scheme)
+    if opts.layout is not None and opts.layout not in LAYOUTS:
+        raise BadInput(f"unknown layout {opts.layout!r} (choose from {', '.join(LAYOUTS)})")
+    if opts.embedding_bits not in (None, 0, 4, 8):
+        raise BadInput(f"embedding bits must be 0 (float), 4 or 8, got {opts.embedding_bits}")
+
+
 def baseline_layout(layout: str, tying: str) -> str:
     """The tied model's counterpart of a PIT layout: its one shared table is E itself (shared-e)."""
     return "shared-e" if tying == "tied" and layout == "shared-z" else layout
@@ -103,10 +118,7 @@ def run(
     from pit_export import report
 
     out = Path(out)
-    if out.exists() and not opts.force:
-        raise BadInput(f"{out} exists; pass --force to replace it")
-    if out.exists() and not out.is_dir():
-        raise BadInput(f"{out} exists and is not a folder")
+    check_options(opts)
     result = RunResult(out, ckpt, [], [], opts)
 
     def write(tmp: Path):
@@ -124,7 +136,7 @@ def run(
         progress("report", "writing report")
         report.write(result, tmp)
 
-    atomic_dir(out, write)
+    atomic_dir(out, write, opts.force)
     return result
 
 
@@ -143,7 +155,7 @@ def gate_error(result: RunResult) -> GateFailed | None:
 
 def _one_target(ckpt, target, root: Path, rel: str, opts: PipelineOptions, progress, skip_unavailable):
     preset = TARGETS[target]
-    schemes = [opts.scheme] if opts.scheme else [preset.scheme, *preset.fallbacks]
+    schemes = [opts.scheme] if opts.scheme is not None else [preset.scheme, *preset.fallbacks]
     # the preset's embedding quantization goes with the preset's schemes; an explicit --scheme stands alone
     emb_bits = (
         opts.embedding_bits if opts.embedding_bits is not None else (None if opts.scheme else preset.embedding_bits)
@@ -242,6 +254,7 @@ def manifest(result: RunResult) -> dict:
             "scheme": a.scheme,
             "layout": a.layout,
             "bytes": a.bytes,
+            "deploy_files": a.manifest.get("deploy_files", []),
             "files": a.files,
             "gates": [g.__dict__ for g in a.validation.gates] if a.validation else [],
             "rejected": a.rejected,

@@ -97,6 +97,7 @@ def _artifact_json(a) -> dict:
         "scheme": a.scheme,
         "layout": a.layout,
         "bytes": a.bytes,
+        "deploy_files": a.manifest.get("deploy_files", []),
         "files": a.files,
         "metrics": {k: float(x) for k, x in v.metrics.items()} if v else {},
         "gates": [g.__dict__ for g in v.gates] if v else [],
@@ -199,7 +200,7 @@ def _finish(fig, ax, path: Path, has_data: bool):
 # ---------------------------------------------------------------- markdown
 
 _COLUMNS = (
-    ("size MB", lambda a, m: f"{a.bytes / 1e6:.2f}"),
+    ("model MB", lambda a, m: f"{a.bytes / 1e6:.2f}"),
     ("ppl ratio", lambda a, m: f"{m['ppl_ratio']:.4f}"),
     ("KL mean", lambda a, m: f"{m['kl_mean']:.2e}"),
     ("top-1", lambda a, m: f"{m['top1']:.3f}"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
-from .base import OPENERS, Session, artifact_backend, greedy_generate
+from .base import OPENERS, CheckedSession, Session, artifact_backend, greedy_generate
 
 # backend -> module that registers its opener; imported lazily so a missing runtime costs nothing until used
 BACKEND_MODULES = {"torch": "pytorch", "executorch": "executorch", "onnx": "onnxruntime", "coreml": "coreml"}
@@ -23,7 +23,7 @@ def open_session(path, **options) -> Session:
         importlib.import_module(f"{__name__}.{BACKEND_MODULES[backend]}")
     except ModuleNotFoundError as e:
         raise Unavailable(f"{path}: no {backend} runtime here ({e})") from None
-    return OPENERS[backend](path, **options)
+    return CheckedSession(OPENERS[backend](path, **options))
 
 
 __all__ = ["Session", "open_session", "greedy_generate", "OPENERS"]

@@ -45,6 +45,71 @@ def register(backend: str):
     return deco
 
 
+class CheckedSession:
+    """Any Session behind argument checks: an out-of-range token or a position past the context is a one-line
+    BadInput here, instead of a native crash, an out-of-bounds read or a silently clamped index in the runtime."""
+
+    def __init__(self, inner: Session):
+        self.inner = inner
+
+    def __getattr__(self, name):  # name, vocab_size, scheme, ... of the wrapped session
+        return getattr(self.inner, name)
+
+    def _tokens(self, tokens, what: str) -> np.ndarray:
+        from pit_export.errors import BadInput
+
+        t = np.asarray(tokens)
+        if t.ndim != 1 or t.size == 0 or not np.issubdtype(t.dtype, np.integer):
+            raise BadInput(
+                f"{self.inner.name}: {what} takes a non-empty 1-D integer token array, got {t.dtype}{t.shape}"
+            )
+        lo, hi = int(t.min()), int(t.max())
+        if lo < 0 or hi >= self.inner.vocab_size:
+            bad = lo if lo < 0 else hi
+            raise BadInput(f"{self.inner.name}: token id {bad} out of range [0, {self.inner.vocab_size})")
+        return t.astype(np.int64)
+
+    def _positions(self, start: int, n: int) -> None:
+        from pit_export.errors import BadInput
+
+        if int(start) < 0 or int(start) + n > self.inner.max_seq_len:
+            raise BadInput(
+                f"{self.inner.name}: positions {start}..{int(start) + n - 1} outside the context "
+                f"[0, {self.inner.max_seq_len})"
+            )
+
+    def prefill(self, tokens, start_pos: int) -> np.ndarray:
+        t = self._tokens(tokens, "prefill")
+        self._positions(start_pos, len(t))
+        return self.inner.prefill(t, int(start_pos))
+
+    def decode(self, token: int, pos: int) -> np.ndarray:
+        t = self._tokens([token], "decode")
+        self._positions(pos, 1)
+        return self.inner.decode(int(t[0]), int(pos))
+
+    def embed(self, tokens) -> np.ndarray:
+        return self.inner.embed(self._tokens(tokens, "embed"))
+
+    def unembed(self, hidden) -> np.ndarray:
+        from pit_export.errors import BadInput
+
+        h = np.asarray(hidden, dtype=np.float32)
+        if h.ndim != 2 or h.shape[1] != self.inner.hidden_size or h.shape[0] == 0:
+            raise BadInput(
+                f"{self.inner.name}: unembed takes [n, {self.inner.hidden_size}] hidden states, got {h.shape}"
+            )
+        if not np.isfinite(h).all():
+            raise BadInput(f"{self.inner.name}: unembed input has non-finite values")
+        return self.inner.unembed(h)
+
+    def reset(self) -> None:
+        self.inner.reset()
+
+    def close(self) -> None:
+        self.inner.close()
+
+
 def greedy_generate(session: Session, prompt: list[int], max_new: int, stop: set[int] = frozenset()) -> list[int]:
     """Greedy decoding through prefill + decode: the generation every backend is compared on."""
     if not prompt:

@@ -24,6 +24,16 @@ def tied_ckpt():
 
 
 @pytest.fixture(scope="session")
+def et_fp32_dir(pit_ckpt, tmp_path_factory):
+    """The default model as an fp32 .pte in a shared-table layout (model.pte + model.ptd), exported once per run."""
+    from pit_export.export import export_artifact
+
+    out = tmp_path_factory.mktemp("et") / "fp32"
+    export_artifact(pit_ckpt, "android", out, scheme="fp32", layout="shared-z")
+    return out
+
+
+@pytest.fixture(scope="session")
 def heldout(pit_ckpt):
     from pit_export.models.train import heldout_windows
 

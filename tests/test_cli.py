@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from .conftest import DEFAULT_MODEL
 
-CLI = [sys.executable, "-m", "pit_export.cli"]
+CLI = [sys.executable, "-m", "pit_export"]
 
 
 def run(*args, ok=(0,)):
@@ -115,8 +115,9 @@ def test_fold_then_validate_and_generate(tmp_path):
     rep = json.loads(p.stdout)
     assert rep["interface_err_max"] <= 1e-5 and rep["interface_within_bound"]
     before = (out / "folded.safetensors").read_bytes()
-    # a failing re-fold must leave the existing artifact untouched
-    assert run("fold", DEFAULT_MODEL, "--out", out, "--layout", "nope").returncode == 2
+    # an existing artifact is kept: without --force (exit 5), and with it when the re-fold fails (exit 2)
+    assert run("fold", DEFAULT_MODEL, "--out", out, "--layout", "untied").returncode == 5
+    assert run("fold", DEFAULT_MODEL, "--out", out, "--layout", "nope", "--force").returncode == 2
     assert (out / "folded.safetensors").read_bytes() == before
     p = run("validate", DEFAULT_MODEL, "--artifact", out, "--n-windows", "2", "--json")
     assert p.returncode == 0, p.stderr

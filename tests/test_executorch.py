@@ -11,7 +11,6 @@ import pytest
 from pit_export.runtimes import greedy_generate, open_session
 from pit_export.runtimes.pytorch import ReferenceSession
 
-from pit_export.export import export_artifact
 from pit_export.fold import fold
 from pit_export.validate import GATES, validate
 
@@ -19,11 +18,8 @@ from .conftest import DEFAULT_MODEL, ROOT
 
 
 @pytest.fixture(scope="module")
-def fp32_dir(pit_ckpt, tmp_path_factory):
-    """The default model at fp32 in a shared-table layout (model.pte + model.ptd), exported once."""
-    out = tmp_path_factory.mktemp("et") / "fp32"
-    export_artifact(pit_ckpt, "android", out, scheme="fp32", layout="shared-z")
-    return out
+def fp32_dir(et_fp32_dir):
+    return et_fp32_dir
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +92,7 @@ def test_cli_exports_default_target_within_8da4w_gate(tmp_path):
     cmd = [
         sys.executable,
         "-m",
-        "pit_export.cli",
+        "pit_export",
         "export",
         str(DEFAULT_MODEL),
         "--target",

@@ -57,7 +57,8 @@ def test_manifest_hashes_match_files(onnx_run):
     assert man["tools"]["torch"].startswith("2.13.0")
     for art in man["artifacts"] + man["baseline"]:
         folder = out / art["folder"]
-        assert art["bytes"] == sum(f["bytes"] for f in art["files"].values()) > 0
+        assert art["deploy_files"] == ["model.onnx", "model.onnx.data"]
+        assert art["bytes"] == sum(art["files"][f]["bytes"] for f in art["deploy_files"]) > 0
         for name, f in art["files"].items():
             assert (folder / name).stat().st_size == f["bytes"]
         assert all(g["passed"] for g in art["gates"])

@@ -4,7 +4,8 @@ A backend module `pit_export.export.<backend>` provides
 
     export(fw: FoldedWeights, scheme: Scheme, out: Path, ckpt: Checkpoint, progress) -> dict
 
-which writes its files into `out` (a temporary folder) and returns extra metadata for pit_export.json.
+which writes its files into `out` (a temporary folder) and returns extra metadata for pit_export.json, including
+"deploy_files": the files an app ships (their total is the artifact size the reports compare).
 The matching Session lives in `pit_export.runtimes.<module>` and is registered under the same backend name.
 """
 

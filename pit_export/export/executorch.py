@@ -165,6 +165,7 @@ def export(fw: FoldedWeights, scheme: Scheme, out: Path, ckpt, progress) -> dict
         program.write_tensor_data_to_file(str(out))
     t2 = time.perf_counter()
     return {
+        "deploy_files": [PTE] + ([f"{DATA_TAG}.ptd"] if external else []),
         "executorch": {
             "program": PTE,
             "data": f"{DATA_TAG}.ptd" if external else None,

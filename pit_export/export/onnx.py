@@ -391,6 +391,7 @@ def export(fw: FoldedWeights, scheme: Scheme, out: Path, ckpt, progress=lambda m
     to_ort_format(out / MODEL, out / ORT_MODEL)
     times["write_s"] = time.perf_counter() - t0
     return {
+        "deploy_files": [MODEL, DATA],  # what a phone ships (model.ort is the same weights in ORT's format)
         "onnx": {
             "opset": OPSET,
             "model_bytes": (out / MODEL).stat().st_size + (out / DATA).stat().st_size,  # what onnxruntime(-genai) loads

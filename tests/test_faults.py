@@ -533,7 +533,7 @@ def kill_trials(tmp_path: Path, n: int, seed: int = 1) -> dict[str, int]:
 
 
 def test_interrupted_export_leaves_nothing_partial(tmp_path):
-    print(kill_trials(tmp_path, 6))
+    print(kill_trials(tmp_path, 4))
 
 
 @pytest.mark.slow

@@ -127,7 +127,7 @@ def test_existing_output_needs_force(tmp_path):
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     p = run("export", DEFAULT_MODEL, "--target", "onnx-cpu", "--out", out)
-    assert p.returncode == 2 and "--force" in p.stderr
+    assert p.returncode == 5 and "--force" in p.stderr
     assert (out / "keep.txt").read_text() == "mine"
 
 

@@ -40,6 +40,8 @@ ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing out
 @app.callback()
 def _root(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False):
     STATE["debug"] = debug
+    if debug:
+        os.environ["PIT_EXPORT_DEBUG"] = "1"  # runtimes keep their native logs
 
 
 @contextmanager
@@ -272,7 +274,7 @@ def export_cmd(
 ):
     """Fold -> quantize -> export -> validate (through each real runtime) -> report; exit 3 if a gate fails."""
     from pit_export import pipeline
-    from pit_export.report import summary_header, summary_rows
+    from pit_export.report import COMPACT, summary_header, summary_rows
     from pit_export.validate import load_gates
 
     targets = pipeline.parse_targets(target)
@@ -304,9 +306,9 @@ def export_cmd(
         _emit(json.loads((out_dir / "report.json").read_text()), True)
     else:
         t = Table(title=f"pit-export {ckpt} -> {out_dir}", title_justify="left")
-        for col in summary_header():
-            t.add_column(col)
-        for row in summary_rows(result.artifacts + result.baseline):
+        for col in summary_header(COMPACT):
+            t.add_column(col, no_wrap=True)
+        for row in summary_rows(result.artifacts + result.baseline, COMPACT):
             t.add_row(*row)
         out.print(t)
         for a in result.artifacts:

@@ -210,17 +210,20 @@ _COLUMNS = (
 )
 
 
-def summary_rows(artifacts) -> list[list[str]]:
+COMPACT = ("model MB", "ppl ratio", "top-1", "W·E−I max")  # what fits a terminal
+
+
+def summary_rows(artifacts, columns=None) -> list[list[str]]:
     rows = []
     for a in artifacts:
         m = a.validation.metrics if a.validation else None
-        cells = [f(a, m) if m else "–" for _, f in _COLUMNS]
-        rows.append([a.target, a.scheme or "–", a.layout or "–", *cells, a.status])
+        cells = [f(a, m) if m else "–" for c, f in _COLUMNS if columns is None or c in columns]
+        rows.append([a.folder, a.scheme or "–", a.layout or "–", *cells, a.status])
     return rows
 
 
-def summary_header() -> list[str]:
-    return ["target", "scheme", "layout", *(c for c, _ in _COLUMNS), "status"]
+def summary_header(columns=None) -> list[str]:
+    return ["artifact", "scheme", "layout", *(c for c, _ in _COLUMNS if columns is None or c in columns), "status"]
 
 
 def _md_table(header, rows) -> str:

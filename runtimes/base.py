@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -108,6 +111,24 @@ class CheckedSession:
 
     def close(self) -> None:
         self.inner.close()
+
+
+@contextmanager
+def quiet_native_stderr():
+    """Runtimes' C++ info logs (cpuinfo probing, thread-pool sizes) write straight to fd 2 and would bury the CLI's
+    output; muted while a runtime loads, unless PIT_EXPORT_DEBUG is set (the CLI's --debug sets it)."""
+    if os.environ.get("PIT_EXPORT_DEBUG"):
+        yield
+        return
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 def greedy_generate(session: Session, prompt: list[int], max_new: int, stop: set[int] = frozenset()) -> list[int]:

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .base import register
+from .base import quiet_native_stderr, register
 
 
 class ExecuTorchSession:
@@ -24,13 +24,14 @@ class ExecuTorchSession:
         et = meta["executorch"]
         if et.get("needs_quantized_kernels"):
             import executorch.kernels.quantized  # noqa: F401  registers quantized_decomposed::embedding_*bit
-        if threads:
-            from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
-
-            _unsafe_reset_threadpool(threads)
         data = folder / et["data"] if et.get("data") else None  # shared layouts keep weights in model.ptd
-        self.program = Runtime.get().load_program(folder / et["program"], data_path=data)
-        self.methods = {m: self.program.load_method(m) for m in ("forward", "embed", "unembed")}
+        with quiet_native_stderr():
+            if threads:
+                from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
+
+                _unsafe_reset_threadpool(threads)
+            self.program = Runtime.get().load_program(folder / et["program"], data_path=data)
+            self.methods = {m: self.program.load_method(m) for m in ("forward", "embed", "unembed")}
         md = et["metadata"]
         self.name = f"executorch xnnpack ({meta['scheme']}, {meta['layout']})"
         self.scheme, self.layout = meta["scheme"], meta["layout"]

@@ -212,7 +212,7 @@ def _validate_sessions(ckpt, openers, scheme, n_windows, n_greedy, threads, json
     from pit_export.validate import validate as run_validate
 
     ref = ReferenceSession(ckpt.model, threads)
-    held = heldout(ckpt, n_windows)
+    held = heldout(ckpt)
     results = []
     with progress(not json_out) as p:
         for label, opener in openers:
@@ -224,7 +224,7 @@ def _validate_sessions(ckpt, openers, scheme, n_windows, n_greedy, threads, json
                 sess,
                 held,
                 sch,
-                ValidateConfig(n_greedy=n_greedy),
+                ValidateConfig(n_windows=n_windows, n_greedy=n_greedy),
                 gates=gates_for(sch, gate_table),
                 progress=lambda m, task=task, label=label: p.update(task, description=f"{label}: {m}"),
             )

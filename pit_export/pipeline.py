@@ -212,11 +212,12 @@ def _one_target(ckpt, target, root: Path, rel: str, opts: PipelineOptions, progr
     return res
 
 
-def heldout(ckpt: Checkpoint, n_windows: int) -> np.ndarray:
-    """The held-out windows `pit-export validate` scores too, so both print the same numbers."""
+def heldout(ckpt: Checkpoint) -> np.ndarray:
+    """The held-out split as windows; validate() scores n_windows of them spread over it (eval_windows), the same
+    ones for `pit-export validate`, `export` and the benchmarks."""
     from pit_export.models.train import heldout_windows
 
-    return np.asarray(heldout_windows(ckpt.tokenizer, ckpt.config)[:n_windows])
+    return np.asarray(heldout_windows(ckpt.tokenizer, ckpt.config))
 
 
 def validate_artifact(ckpt: Checkpoint, folder: Path, opts: PipelineOptions, scheme: str) -> ValidationResult:
@@ -230,9 +231,9 @@ def validate_artifact(ckpt: Checkpoint, folder: Path, opts: PipelineOptions, sch
         return validate(
             ref,
             sess,
-            heldout(ckpt, opts.n_windows),
+            heldout(ckpt),
             scheme,
-            ValidateConfig(n_greedy=opts.n_greedy),
+            ValidateConfig(n_windows=opts.n_windows, n_greedy=opts.n_greedy),
             gates=gates_for(scheme, opts.gates),
         )
     finally:

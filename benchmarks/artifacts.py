@@ -1,6 +1,6 @@
 """Artifact report per target: size, parity and export time for every scheme x layout, PIT and the tied baseline.
 
-    .venv/bin/python benchmarks/artifacts.py --target onnx-cpu|android [--models ...] [--out DIR]
+    .venv/bin/python benchmarks/artifacts.py --target onnx-cpu|android|ios [--models ...] [--out DIR]
 
 Writes DIR/<target>.json and prints a markdown table. Greedy agreement is against the training graph (64 tokens);
 for onnx-cpu, genai agreement is onnxruntime-genai's greedy tokens against our ORT session's on the same artifact."""
@@ -27,6 +27,7 @@ from pit_export.validate import validate
 COMBOS = {
     "onnx-cpu": [("fp32", None), ("int8", None), ("int4", None), ("int4", 4)],
     "android": [("fp32", None), ("int8", None), ("8da4w", None), ("8da4w", 4)],
+    "ios": [("fp32", None), ("fp16", None), ("int8", None), ("int4", None), ("palettize4", None)],
 }
 COLS = ["max_abs_logit", "top1", "kl_mean", "kl_p99", "ppl_ratio", "interface_err_max", "greedy_agree"]
 
@@ -35,6 +36,8 @@ def deployed_bytes(man: dict) -> int:
     """The files a phone needs: the model graph(s) and weights, not probes, tokenizer or the .ort duplicate."""
     if "onnx" in man:
         return man["onnx"]["model_bytes"]
+    if "coreml" in man:  # the whole .mlpackage: program, weight.bin, manifest
+        return sum(v["bytes"] for f, v in man["files"].items() if f.startswith(man["coreml"]["package"] + "/"))
     et = man["executorch"]
     return sum(man["files"][f]["bytes"] for f in (et["program"], et["data"]) if f)
 

@@ -166,7 +166,7 @@ def validate(
         str, typer.Option(help="Layout(s) to fold when no artifact is given: names, comma-separated, or 'all'.")
     ] = "all",
     scheme: Annotated[
-        str | None, typer.Option(help="Gate set (fp32, int8, 8da4w, int4); default: the artifact's.")
+        str | None, typer.Option(help="Gate set (fp32, fp16, int8, 8da4w, int4, palettize4); default: the artifact's.")
     ] = None,
     n_windows: Annotated[int, typer.Option(help="Held-out windows for logits and perplexity.")] = 8,
     n_greedy: Annotated[int, typer.Option(help="Greedy tokens compared.")] = 64,
@@ -237,7 +237,9 @@ def export_cmd(
     ckpt: CkptArg,
     target: Annotated[str, typer.Option(help="android | onnx-cpu | ios")],
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Artifact folder to write.")],
-    scheme: Annotated[str | None, typer.Option(help="fp32 | int8 | 8da4w | int4 (default: the target's).")] = None,
+    scheme: Annotated[
+        str | None, typer.Option(help="fp32 | int8 | 8da4w | int4; ios also fp16 | palettize4 (default: the target's).")
+    ] = None,
     layout: Annotated[str | None, typer.Option(help="untied | shared-z | shared-e (default: the target's).")] = None,
     embedding_bits: Annotated[int | None, typer.Option(help="Quantize the embedding table to 4 or 8 bits.")] = None,
     check: Annotated[bool, typer.Option("--validate/--no-validate", help="Run the gates before writing.")] = True,

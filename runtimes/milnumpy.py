@@ -27,8 +27,16 @@ DTYPES = {
     35: np.uint8, 36: np.uint8, 37: np.uint8, 38: np.uint8, 39: np.uint8,
 }  # fmt: skip
 SUB_BYTE = {25: (4, True), 35: (4, False), 36: (2, False), 37: (1, False), 38: (6, False), 39: (3, False)}
-CAST_NAMES = {"fp16": np.float16, "fp32": np.float32, "int32": np.int32, "int16": np.int16, "int8": np.int8,
-              "uint8": np.uint8, "uint16": np.uint16, "bool": np.bool_}  # fmt: skip
+CAST_NAMES = {
+    "fp16": np.float16,
+    "fp32": np.float32,
+    "int32": np.int32,
+    "int16": np.int16,
+    "int8": np.int8,
+    "uint8": np.uint8,
+    "uint16": np.uint16,
+    "bool": np.bool_,
+}
 BLOB_SENTINEL = 0xDEADBEEF
 TUPLE_INPUTS = {"values"}  # inputs that are variadic tuples (concat)
 
@@ -101,6 +109,7 @@ class MilFunction:
     outputs: list[str]
     ops: list[Op]
     consts: dict[str, object] = field(default_factory=dict)
+    expanded: list[str] = field(default_factory=list)  # the constexpr op types expanded at load
 
     def run(self, feeds: dict[str, np.ndarray], states: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
         """Evaluate with inputs `feeds`; `states` (name -> array) is read and updated in place."""
@@ -160,9 +169,7 @@ def _function(name: str, fn, blobs: BlobFile) -> MilFunction:
         name,
         inputs=[i.name for i in fn.inputs if i.name not in states],
         states=states,
-        state_shapes={
-            i.name: _shape(i.type.stateType.wrappedType.tensorType) for i in fn.inputs if i.name in states
-        },
+        state_shapes={i.name: _shape(i.type.stateType.wrappedType.tensorType) for i in fn.inputs if i.name in states},
         outputs=list(block.outputs),
         ops=[],
     )
@@ -180,6 +187,7 @@ def _function(name: str, fn, blobs: BlobFile) -> MilFunction:
         )
         if op.type.startswith("constexpr_"):  # weights only: expand once, like the runtime at load
             _execute(op, f.consts)
+            f.expanded.append(op.type)
         else:
             f.ops.append(op)
     return f
@@ -308,8 +316,9 @@ def lut_to_dense(indices, lut, vector_axis=None):
     """constexpr_lut_to_dense (iOS 18): lut [*groups, 2^nbits, vector]; group g of axis i covers n_i / groups_i."""
     if lut.shape[-1] != 1:
         raise MilError("vector palettization is not implemented")
-    grid = np.meshgrid(*[np.arange(n) // (n // g) for n, g in zip(indices.shape, lut.shape[:-2], strict=True)],
-                       indexing="ij")  # fmt: skip
+    grid = np.meshgrid(
+        *[np.arange(n) // (n // g) for n, g in zip(indices.shape, lut.shape[:-2], strict=True)], indexing="ij"
+    )
     return lut[(*grid, indices.astype(np.int64), 0)]
 
 

@@ -41,7 +41,7 @@ TARGETS: dict[str, Target] = {
     for t in (
         Target("android", "executorch", "8da4w", "untied", "ExecuTorch .pte lowered to XNNPACK (Android / ARM CPUs)"),
         Target("onnx-cpu", "onnx", "int4", "shared-z", "ONNX Runtime CPU / mobile, onnxruntime-genai folder"),
-        Target("ios", "coreml", "int4", "shared-z", "CoreML .mlpackage (iOS 18+)"),
+        Target("ios", "coreml", "int4", "shared-z", "CoreML .mlpackage (iOS 18+), fp16 compute, KV cache as state"),
     )
 }
 
@@ -88,6 +88,8 @@ def export_artifact(
     t = TARGETS[target]
     sch = get_scheme(scheme or t.scheme, embedding_bits)
     layout = layout or t.layout
+    if sch.backends is not None and t.backend not in sch.backends:
+        raise BadInput(f"scheme {sch.name} is not available for target {target} (only {', '.join(sch.backends)})")
     if importlib.util.find_spec(f"{__name__}.{t.backend}") is None:
         raise Unavailable(f"target {target}: the {t.backend} exporter is not part of this build")
     try:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -40,8 +41,6 @@ SCHEMES = ("fp32", "fp16", "int8", "int4", "palettize4")
 # additive mask for disallowed keys: finite in fp16 (a float32-min mask becomes -inf there and NaN in softmax) and
 # exp(MASK_NEG + any logit) underflows to exactly 0 in both precisions
 MASK_NEG = -1e4
-PALETTE_GROUP = 16
-INT4_BLOCK = 32
 
 
 class StateAttention(CachedAttention):
@@ -160,11 +159,15 @@ def compression_config(scheme: Scheme, model):
         op = cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8", granularity="per_channel")
     elif scheme.name == "int4":
         op = cto.OpLinearQuantizerConfig(
-            mode="linear_symmetric", dtype="int4", granularity="per_block", block_size=INT4_BLOCK
+            mode="linear_symmetric", dtype="int4", granularity="per_block", block_size=scheme.group_size
         )
     else:
         op = cto.OpPalettizerConfig(
-            mode="kmeans", nbits=4, granularity="per_grouped_channel", group_size=PALETTE_GROUP, num_kmeans_workers=1
+            mode="kmeans",
+            nbits=scheme.linear_bits,
+            granularity="per_grouped_channel",
+            group_size=scheme.group_size,
+            num_kmeans_workers=1,
         )
     skip = {
         c.name: None
@@ -201,13 +204,17 @@ def save_package(models: dict, dest: Path) -> None:
 
 
 def export(fw: FoldedWeights, scheme: Scheme, out: Path, ckpt, progress) -> dict:
+    if scheme.embedding_bits is not None:
+        raise BadInput("CoreML compresses the embedding table with the scheme itself: drop --embedding-bits")
     if scheme.name not in SCHEMES:
         raise BadInput(f"scheme {scheme.name!r} is not available for CoreML (choose from {', '.join(SCHEMES)})")
     fp32 = scheme.name == "fp32"
     t0 = time.perf_counter()
     dec = CoreMLDecoder(fw, fp32)
     progress(f"convert ({'fp32' if fp32 else 'fp16'} compute)")
-    models = convert(dec, fp32)
+    with warnings.catch_warnings():  # one 'renamed' warning per state buffer (dots become underscores)
+        warnings.simplefilter("ignore", UserWarning)
+        models = convert(dec, fp32)
     t1 = time.perf_counter()
     if scheme.linear_bits is not None:
         progress(f"compress ({scheme.name})")
@@ -221,6 +228,7 @@ def export(fw: FoldedWeights, scheme: Scheme, out: Path, ckpt, progress) -> dict
             "package": PACKAGE,
             "functions": list(FUNCTIONS),
             "compute_precision": "fp32" if fp32 else "fp16",
+            "activations": "fp32" if fp32 else "fp16",  # weight-only compression: int8 here is not dynamic int8
             "kv_cache": "fp16 hi + lo state pairs" if fp32 else "fp16 states",
             "states": dec.state_names(),
             "max_seq_len": cfg.max_seq_len,

@@ -148,8 +148,10 @@ def test_schemes_are_checked(pit_ckpt, tmp_path):
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
-def test_cli_exports_default_ios_target(tmp_path):
-    """`pit-export export --target ios` (int4 blockwise, shared-z) validates through the evaluator before writing."""
+def test_cli_exports_default_ios_target(tmp_path, pit_ckpt):
+    """`pit-export export --target ios` (int4 blockwise, shared-z) validates through the evaluator before writing.
+    The compressed table is one constexpr feeding the gather and the head: 4 bits + an fp16 scale per 32 weights
+    (0.5625 bytes) for the folded weights, fp16 d x d transforms, and less than a second table's worth on top."""
     out = tmp_path / "ios"
     cmd = [sys.executable, "-m", "pit_export.cli", "export", str(DEFAULT_MODEL), "--target", "ios", "--out", str(out)]
     cmd += ["--n-windows", "8", "--n-greedy", "16"]
@@ -162,6 +164,9 @@ def test_cli_exports_default_ios_target(tmp_path):
     m = meta["validation"]["metrics"]
     print(json.dumps({k: m[k] for k in ("kl_mean", "kl_p99", "top1", "ppl_ratio", "interface_err_max")}))
     assert m["ppl_ratio"] <= GATES["int4"]["ppl_ratio"][1]
+    params = sum(v.numel() for v in fold(pit_ckpt, "shared-z")[0].tensors.values())
+    d, V = pit_ckpt.config.dim, pit_ckpt.config.vocab_size
+    assert (out / WEIGHTS).stat().st_size < 0.5625 * params + 2 * 2 * d * d + 0.5625 * V * d / 2
 
 
 @pytest.mark.skipif(not on_macos(), reason="MLModel.predict needs the CoreML runtime (macOS 15+); Linux runs the MIL")

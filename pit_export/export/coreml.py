@@ -9,14 +9,16 @@ Functions of the multifunction package (one weight.bin; save_multifunction dedup
   embed(tokens Int32[n]) -> [n, d]      unembed(hidden Float32[n, d]) -> [n, V]    the PIT interface probes
 
 The cache is one state per layer and k/v, written by slice assignment (`cache[:, :, start:end] = k`, converted to
-slice_update + coreml_update_state). CoreML states must be fp16. The fp16 program keeps k/v as they are computed;
+read_state, slice_update, write_state). CoreML states must be fp16. The fp16 program keeps k/v as they are computed;
 the fp32 program stores each as an fp16 pair hi + lo (k = hi + lo to ~2^-22 relative), as many bytes as an fp32
 cache, so its logits stay within the fp32 gate.
 
 Schemes: fp16 (compute and weights fp16, the default precision), fp32 (compute fp32), and compressed weights on the
 fp16 program: int8 (per-channel), int4 (per-block 32, iOS 18 blockwise), palettize4 (4-bit k-means lookup tables per
-group of 16 rows). Compression applies to linear, matmul and gather weights only: the RoPE tables feed slices and the
-mask is an input, so both stay exact; the d x d PIT transforms are excluded by name (they carry cond(T)).
+group of 8 rows, constexpr_lut_to_dense). All are weight-only: activations stay fp16 (CoreML's int8 is not the
+dynamic-int8 of the other backends). Compression applies to linear, matmul and gather weights only: the RoPE tables
+feed slices and the mask is an input, so both stay exact; the d x d PIT transforms are excluded by name (they carry
+cond(T)).
 """
 
 from __future__ import annotations
@@ -230,7 +232,7 @@ def export(fw: FoldedWeights, scheme: Scheme, out: Path, ckpt, progress) -> dict
             "compute_precision": "fp32" if fp32 else "fp16",
             "activations": "fp32" if fp32 else "fp16",  # weight-only compression: int8 here is not dynamic int8
             "kv_cache": "fp16 hi + lo state pairs" if fp32 else "fp16 states",
-            "states": dec.state_names(),
+            "states": [n.replace(".", "_") for n in dec.state_names()],  # as the converter names them
             "max_seq_len": cfg.max_seq_len,
             "vocab_size": cfg.vocab_size,
             "mask_neg": MASK_NEG,

@@ -154,3 +154,14 @@ class Decoder(nn.Module):
     def reset_cache(self) -> None:
         for layer in self.layers:
             layer.attention.reset_cache()
+
+
+class EntryPoint(nn.Module):
+    """One of the Decoder's probe methods (embed, unembed) as a module, for exporters that trace one per function."""
+
+    def __init__(self, dec: Decoder, method: str):
+        super().__init__()
+        self.dec, self.method = dec, method
+
+    def forward(self, x):
+        return getattr(self.dec, self.method)(x)

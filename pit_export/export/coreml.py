@@ -30,9 +30,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
-from pit_export.decoder import CachedAttention, Decoder, FoldedWeights
+from pit_export.decoder import CachedAttention, Decoder, EntryPoint, FoldedWeights
 from pit_export.errors import BadInput
 from pit_export.quantize import Scheme
 from pit_export.runtimes.coreml import causal_mask
@@ -92,17 +91,6 @@ class CoreMLDecoder(Decoder):
         return [n for n, _ in self.named_buffers() if ".attention." in n]
 
 
-class Entry(nn.Module):
-    """One of the Decoder's probe entry points (embed or unembed) as a module to trace."""
-
-    def __init__(self, dec: Decoder, method: str):
-        super().__init__()
-        self.dec, self.method = dec, method
-
-    def forward(self, x):
-        return getattr(self.dec, self.method)(x)
-
-
 def convert(dec: CoreMLDecoder, fp32: bool) -> dict:
     """ct.convert of the three functions (torch.jit.trace; flexible lengths as RangeDim)."""
     import coremltools as ct
@@ -120,8 +108,8 @@ def convert(dec: CoreMLDecoder, fp32: bool) -> dict:
     with torch.no_grad():
         main = torch.jit.trace(dec, (tok2, mask2))
         dec.reset_cache()  # tracing ran the cache writes eagerly
-        embed = torch.jit.trace(Entry(dec, "embed"), (torch.arange(3, dtype=torch.int32),))
-        unembed = torch.jit.trace(Entry(dec, "unembed"), (torch.zeros(3, cfg.dim),))
+        embed = torch.jit.trace(EntryPoint(dec, "embed"), (torch.arange(3, dtype=torch.int32),))
+        unembed = torch.jit.trace(EntryPoint(dec, "unembed"), (torch.zeros(3, cfg.dim),))
     states = [
         ct.StateType(ct.TensorType(shape=tuple(buf.shape), dtype=np.float16), name=name)
         for name, buf in dec.named_buffers()
@@ -171,7 +159,7 @@ def compression_config(scheme: Scheme, model):
             group_size=scheme.group_size,
             num_kmeans_workers=1,
         )
-    skip = {
+    skip = {  # const names come from the traced parameter names (the converted model's MIL program)
         c.name: None
         for fn in model._mil_program.functions.values()
         for c in fn.find_ops(op_type="const")
@@ -193,13 +181,11 @@ def save_package(models: dict, dest: Path) -> None:
     """One multifunction .mlpackage; main is the default function."""
     import coremltools as ct
 
+    desc = ct.utils.MultiFunctionDescriptor()
     with tempfile.TemporaryDirectory() as tmp:
-        desc = None
         for name, m in models.items():
             path = str(Path(tmp) / f"{name}.mlpackage")
             m.save(path)
-            if desc is None:
-                desc = ct.utils.MultiFunctionDescriptor()
             desc.add_function(path, src_function_name="main", target_function_name=name)
         desc.default_function_name = "main"
         ct.utils.save_multifunction(desc, str(dest))

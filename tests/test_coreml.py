@@ -98,12 +98,34 @@ def test_fp16_package_top1_and_margin_bound(ref, heldout, fp16_dir):
     assert agree[safe].all() and m["top1"] >= safe.mean()
 
 
+@pytest.mark.slow  # k-means over every 8-row group: ~3x the cost of an int4 export; benchmarks/artifacts.py reports it
 def test_palettized_package_within_gate(pit_ckpt, ref, heldout, tmp_path_factory):
     out = _export(pit_ckpt, tmp_path_factory, "palettize4")
     assert "constexpr_lut_to_dense" in op_types(out)  # the evaluator expanded the lookup tables itself
     res = validate(ref, MilNumpySession(out), heldout, "palettize4", ValidateConfig(n_greedy=16))
     print(json.dumps({k: res.metrics[k] for k in ("kl_mean", "top1", "ppl_ratio", "interface_err_max")}))
     assert res.passed, res.failures()
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_constexpr_kernels_match_coremltools_definitions(seed):
+    """The evaluator's weight decompression equals the ops' reference semantics in coremltools (iOS 18 opset):
+    grouped lookup tables (palettization) and blockwise scale/offset (int4 / int8), on random shapes."""
+    from coremltools.converters.mil.mil.ops.defs.iOS18 import compression as ops
+    from pit_export.runtimes.milnumpy import KERNELS
+
+    rng = np.random.default_rng(seed)
+    rows, cols, groups, blocks = 8 * int(rng.integers(1, 5)), 32 * int(rng.integers(1, 4)), 2, 4
+    idx = rng.integers(0, 16, (rows, cols)).astype(np.uint8)
+    lut = rng.standard_normal((groups, 1, 16, 1)).astype(np.float16)
+    want = ops.constexpr_lut_to_dense.decompress(idx, lut, None)
+    np.testing.assert_array_equal(KERNELS["constexpr_lut_to_dense"](idx, lut), want)
+    data = rng.integers(-8, 8, (rows, cols)).astype(np.int8)
+    scale = rng.uniform(0.01, 1, (rows, cols // blocks)).astype(np.float16)
+    offset = rng.integers(-2, 2, scale.shape).astype(np.int8)
+    want = ops.constexpr_blockwise_shift_scale.decompress(data, scale, offset)
+    got = KERNELS["constexpr_blockwise_shift_scale"](data, scale, offset)  # fp32; the reference rounds to fp16 once
+    np.testing.assert_allclose(got, want, rtol=np.finfo(np.float16).eps / 2, atol=0)
 
 
 def test_corrupted_weight_fails_parity(ref, heldout, fp32_dir, tmp_path):

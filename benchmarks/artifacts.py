@@ -42,13 +42,13 @@ def deployed_bytes(man: dict) -> int:
     return sum(man["files"][f]["bytes"] for f in (et["program"], et["data"]) if f)
 
 
-def run(model_dir: Path, tmp: Path, target: str) -> list[dict]:
+def run(model_dir: Path, tmp: Path, target: str, layouts: tuple[str, ...] | None = None) -> list[dict]:
     ckpt = load_checkpoint(model_dir)
     held = np.asarray(heldout_windows(ckpt.tokenizer, ckpt.config))
     ref = ReferenceSession(ckpt.model, threads=2)
     prompt = held[-1, :32].tolist()
     rows = []
-    for layout in layouts_for(ckpt.config.tying):
+    for layout in (x for x in layouts_for(ckpt.config.tying) if layouts is None or x in layouts):
         for scheme, emb in COMBOS[target]:
             if emb and layout != "untied":
                 continue  # compact layouts already share one table in the head's precision
@@ -92,12 +92,13 @@ def main():
     ap.add_argument("--target", choices=sorted(COMBOS), default="onnx-cpu")
     ap.add_argument("--models", nargs="+", type=Path, default=[Path("models/pit-tiny"), Path("models/tied-tiny")])
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    ap.add_argument("--layouts", help="Only these layouts (comma-separated); default: every layout of each model.")
     args = ap.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for m in args.models:
             if (m / "model.safetensors").exists():
-                rows += run(m, Path(tmp), args.target)
+                rows += run(m, Path(tmp), args.target, args.layouts and tuple(args.layouts.split(",")))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{args.target}.json").write_text(json.dumps(rows, indent=2))
     print(table(rows))

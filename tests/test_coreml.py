@@ -88,14 +88,14 @@ def test_fp16_package_top1_and_margin_bound(ref, heldout, fp16_dir):
     print(json.dumps({k: m[k] for k in ("max_abs_logit", "kl_mean", "kl_p99", "top1", "ppl_ratio")}))
     assert res.passed, res.failures()
     agree, safe = [], []
-    for w in eval_windows(heldout, ValidateConfig(), ref.max_seq_len):
+    for w in eval_windows(heldout, ValidateConfig(n_windows=2), ref.max_seq_len):
         ref.reset()
         r, a = ref.prefill(w, 0), sess.prefill(w, 0)
         top2 = np.sort(r, axis=-1)[:, -2:]
         safe.append(top2[:, 1] - top2[:, 0] > 2 * np.abs(r - a).max(-1))
         agree.append(r.argmax(-1) == a.argmax(-1))
     safe, agree = np.concatenate(safe), np.concatenate(agree)
-    assert agree[safe].all() and m["top1"] >= safe.mean()
+    assert agree[safe].all() and agree.mean() >= safe.mean()
 
 
 @pytest.mark.slow  # k-means over every 8-row group: ~3x the cost of an int4 export; benchmarks/artifacts.py reports it

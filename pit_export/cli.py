@@ -378,10 +378,12 @@ def main():
 
     click (standalone) handles --help and usage errors (exit 2); our errors carry their own exit code."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # toolchain import chatter (torchao's optional CUDA kernels, torch pytree deprecations) is not the user's problem
+    # toolchain import chatter (torchao's optional CUDA kernels, torch pytree deprecations, coremltools' missing macOS
+    # runtime and its per-pass progress bars) is not the user's problem
     if "--debug" not in sys.argv:
         logging.getLogger("torchao").setLevel(logging.ERROR)
         logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+        logging.getLogger("coremltools").setLevel(logging.ERROR)
     signal.signal(signal.SIGINT, _interrupted)
     try:
         app()

@@ -162,6 +162,7 @@ class EntryPoint(nn.Module):
     def __init__(self, dec: Decoder, method: str):
         super().__init__()
         self.dec, self.method = dec, method
+        self.eval()
 
     def forward(self, x):
         return getattr(self.dec, self.method)(x)

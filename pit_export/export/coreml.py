@@ -23,6 +23,9 @@ cond(T)).
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import tempfile
 import time
 import warnings
@@ -191,6 +194,19 @@ def save_package(models: dict, dest: Path) -> None:
         ct.utils.save_multifunction(desc, str(dest))
 
 
+@contextlib.contextmanager
+def quiet():
+    """coremltools draws a progress bar per pass pipeline on stderr: hide them when its logging is silenced (the CLI
+    does that unless --debug); warnings about renamed state buffers (dots become underscores) always."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        if logging.getLogger("coremltools").getEffectiveLevel() < logging.ERROR:
+            yield
+        else:
+            with contextlib.redirect_stderr(io.StringIO()):
+                yield
+
+
 def export(fw: FoldedWeights, scheme: Scheme, out: Path, ckpt, progress) -> dict:
     if scheme.embedding_bits is not None:
         raise BadInput("CoreML compresses the embedding table with the scheme itself: drop --embedding-bits")
@@ -200,16 +216,17 @@ def export(fw: FoldedWeights, scheme: Scheme, out: Path, ckpt, progress) -> dict
     t0 = time.perf_counter()
     dec = CoreMLDecoder(fw, fp32)
     progress(f"convert ({'fp32' if fp32 else 'fp16'} compute)")
-    with warnings.catch_warnings():  # one 'renamed' warning per state buffer (dots become underscores)
-        warnings.simplefilter("ignore", UserWarning)
+    with quiet():
         models = convert(dec, fp32)
     t1 = time.perf_counter()
     if scheme.linear_bits is not None:
         progress(f"compress ({scheme.name})")
-        models = {k: compress(m, scheme) for k, m in models.items()}
+        with quiet():
+            models = {k: compress(m, scheme) for k, m in models.items()}
     t2 = time.perf_counter()
     progress("save multifunction package")
-    save_package(models, Path(out) / PACKAGE)
+    with quiet():
+        save_package(models, Path(out) / PACKAGE)
     cfg = fw.cfg
     return {
         "coreml": {

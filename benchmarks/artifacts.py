@@ -1,6 +1,6 @@
 """Artifact report per target: size, parity and export time for every scheme x layout, PIT and the tied baseline.
 
-    .venv/bin/python benchmarks/artifacts.py --target onnx-cpu|android [--models ...] [--out DIR]
+    .venv/bin/python benchmarks/artifacts.py --target onnx-cpu|android|ios [--models ...] [--out DIR]
 
 Writes DIR/<target>.json and prints a markdown table. Greedy agreement is against the training graph (64 tokens);
 for onnx-cpu, genai agreement is onnxruntime-genai's greedy tokens against our ORT session's on the same artifact."""
@@ -27,6 +27,7 @@ from pit_export.validate import validate
 COMBOS = {
     "onnx-cpu": [("fp32", None), ("int8", None), ("int4", None), ("int4", 4)],
     "android": [("fp32", None), ("int8", None), ("8da4w", None), ("8da4w", 4)],
+    "ios": [("fp32", None), ("fp16", None), ("int8", None), ("int4", None), ("palettize4", None)],
 }
 COLS = ["max_abs_logit", "top1", "kl_mean", "kl_p99", "ppl_ratio", "interface_err_max", "greedy_agree"]
 
@@ -35,17 +36,19 @@ def deployed_bytes(man: dict) -> int:
     """The files a phone needs: the model graph(s) and weights, not probes, tokenizer or the .ort duplicate."""
     if "onnx" in man:
         return man["onnx"]["model_bytes"]
+    if "coreml" in man:  # the whole .mlpackage: program, weight.bin, manifest
+        return sum(v["bytes"] for f, v in man["files"].items() if f.startswith(man["coreml"]["package"] + "/"))
     et = man["executorch"]
     return sum(man["files"][f]["bytes"] for f in (et["program"], et["data"]) if f)
 
 
-def run(model_dir: Path, tmp: Path, target: str) -> list[dict]:
+def run(model_dir: Path, tmp: Path, target: str, layouts: tuple[str, ...] | None = None) -> list[dict]:
     ckpt = load_checkpoint(model_dir)
     held = np.asarray(heldout_windows(ckpt.tokenizer, ckpt.config))
     ref = ReferenceSession(ckpt.model, threads=2)
     prompt = held[-1, :32].tolist()
     rows = []
-    for layout in layouts_for(ckpt.config.tying):
+    for layout in (x for x in layouts_for(ckpt.config.tying) if layouts is None or x in layouts):
         for scheme, emb in COMBOS[target]:
             if emb and layout != "untied":
                 continue  # compact layouts already share one table in the head's precision
@@ -89,12 +92,13 @@ def main():
     ap.add_argument("--target", choices=sorted(COMBOS), default="onnx-cpu")
     ap.add_argument("--models", nargs="+", type=Path, default=[Path("models/pit-tiny"), Path("models/tied-tiny")])
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    ap.add_argument("--layouts", help="Only these layouts (comma-separated); default: every layout of each model.")
     args = ap.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for m in args.models:
             if (m / "model.safetensors").exists():
-                rows += run(m, Path(tmp), args.target)
+                rows += run(m, Path(tmp), args.target, args.layouts and tuple(args.layouts.split(",")))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{args.target}.json").write_text(json.dumps(rows, indent=2))
     print(table(rows))

@@ -173,7 +173,7 @@ def validate(
         str, typer.Option(help="Layout(s) to fold when no artifact is given: names, comma-separated, or 'all'.")
     ] = "all",
     scheme: Annotated[
-        str | None, typer.Option(help="Gate set (fp32, int8, 8da4w, int4); default: the artifact's.")
+        str | None, typer.Option(help="Gate set (fp32, fp16, int8, 8da4w, int4, palettize4); default: the artifact's.")
     ] = None,
     n_windows: Annotated[int, typer.Option(help="Held-out windows for logits and perplexity.")] = 8,
     n_greedy: Annotated[int, typer.Option(help="Greedy tokens compared.")] = 64,
@@ -253,7 +253,7 @@ def export_cmd(
         Path, typer.Option("--out", "-o", help="Output folder: one artifact folder per target + report.")
     ],
     scheme: Annotated[
-        str | None, typer.Option(help="fp32 | int8 | 8da4w | int4 ... (default: each target's preset).")
+        str | None, typer.Option(help="fp32 | int8 | 8da4w | int4; ios also fp16 | palettize4 (default: the preset).")
     ] = None,
     layout: Annotated[str | None, typer.Option(help="untied | shared-z | shared-e (default: the target's).")] = None,
     embedding_bits: Annotated[
@@ -428,7 +428,8 @@ def main():
 
     click (standalone) handles --help and usage errors (exit 2); our errors carry their own exit code."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # toolchain import chatter (torchao's optional CUDA kernels, torch pytree deprecations) is not the user's problem
+    # toolchain import chatter (torchao's optional CUDA kernels, torch pytree deprecations, coremltools' missing macOS
+    # runtime and its per-pass progress bars) is not the user's problem
     if "--debug" not in sys.argv:
         quiet_toolchains()
     signal.signal(signal.SIGINT, _interrupted)

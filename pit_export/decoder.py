@@ -51,13 +51,22 @@ class CachedAttention(nn.Module):
         q = apply_rope(self.wq(x).view(b, s, self.n_heads, self.hd).transpose(1, 2), cos, sin)
         k = apply_rope(self.wk(x).view(b, s, self.n_kv, self.hd).transpose(1, 2), cos, sin)
         v = self.wv(x).view(b, s, self.n_kv, self.hd).transpose(1, 2)
+        keys, values = self.write_cache(input_pos, k, v)
+        rep = self.n_heads // self.n_kv
+        y = F.scaled_dot_product_attention(
+            q, keys.repeat_interleave(rep, dim=1), values.repeat_interleave(rep, dim=1), attn_mask=mask
+        )
+        return self.wo(y.transpose(1, 2).reshape(b, s, -1))
+
+    def write_cache(self, input_pos, k, v) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v at input_pos; returns the keys and values to attend to (the whole static cache)."""
         self.k_cache.index_copy_(2, input_pos, k)
         self.v_cache.index_copy_(2, input_pos, v)
-        rep = self.n_heads // self.n_kv
-        keys = self.k_cache.repeat_interleave(rep, dim=1)
-        values = self.v_cache.repeat_interleave(rep, dim=1)
-        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
-        return self.wo(y.transpose(1, 2).reshape(b, s, -1))
+        return self.k_cache, self.v_cache
+
+    def reset_cache(self) -> None:
+        for buf in self.buffers():
+            buf.zero_()
 
 
 class FeedForward(nn.Module):
@@ -72,11 +81,11 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, attention: type[CachedAttention] = CachedAttention):
         super().__init__()
         self.eps = cfg.norm_eps
         self.attention_norm = nn.Parameter(torch.ones(cfg.dim))
-        self.attention = CachedAttention(cfg)
+        self.attention = attention(cfg)
         self.ffn_norm = nn.Parameter(torch.ones(cfg.dim))
         self.feed_forward = FeedForward(cfg)
 
@@ -86,12 +95,15 @@ class Block(nn.Module):
 
 
 class Decoder(nn.Module):
-    """forward(tokens [1, n], input_pos [n]) -> logits [1, n, V]; prefill is n > 1, decode is n = 1."""
+    """forward(tokens [1, n], input_pos [n]) -> logits [1, n, V]; prefill is n > 1, decode is n = 1.
 
-    def __init__(self, fw: FoldedWeights):
+    `attention` swaps the KV-cache handling (a backend whose converter needs another cache write subclasses
+    CachedAttention); everything else is this one graph."""
+
+    def __init__(self, fw: FoldedWeights, attention: type[CachedAttention] = CachedAttention):
         super().__init__()
         cfg, self.cfg, self.layout = fw.cfg, fw.cfg, fw.layout
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.layers = nn.ModuleList(Block(cfg, attention) for _ in range(cfg.n_layers))
         d, V = cfg.dim, cfg.vocab_size
         if fw.layout == "untied":
             self.tok_embeddings = nn.Embedding(V, d)
@@ -128,14 +140,29 @@ class Decoder(nn.Module):
         return self.head(hidden * self.inv_gain)
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        mask = self.positions[None, :] <= input_pos[:, None]  # [n, max_seq_len]: causal over the cache
+        return self.run(tokens, input_pos, mask)
+
+    def run(self, tokens: torch.Tensor, input_pos, mask: torch.Tensor) -> torch.Tensor:
+        """input_pos indexes the RoPE tables and the cache (a tensor of positions, or a slice of them)."""
         x = self.embed(tokens)
         cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]
-        mask = self.positions[None, :] <= input_pos[:, None]  # [n, max_seq_len]: causal over the cache
         for layer in self.layers:
             x = layer(x, cos, sin, input_pos, mask)
         return self.head(rms_norm(x, self.cfg.norm_eps))
 
     def reset_cache(self) -> None:
         for layer in self.layers:
-            layer.attention.k_cache.zero_()
-            layer.attention.v_cache.zero_()
+            layer.attention.reset_cache()
+
+
+class EntryPoint(nn.Module):
+    """One of the Decoder's probe methods (embed, unembed) as a module, for exporters that trace one per function."""
+
+    def __init__(self, dec: Decoder, method: str):
+        super().__init__()
+        self.dec, self.method = dec, method
+        self.eval()
+
+    def forward(self, x):
+        return getattr(self.dec, self.method)(x)

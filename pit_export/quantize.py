@@ -17,6 +17,7 @@ class Scheme:
     group_size: int | None  # per-group weight scales (None = per-channel)
     embedding_bits: int | None = None  # gather table; None = float
     description: str = ""
+    backends: tuple[str, ...] | None = None  # the exporters that implement it; None = all
 
 
 SCHEMES: dict[str, Scheme] = {
@@ -26,6 +27,15 @@ SCHEMES: dict[str, Scheme] = {
         Scheme("int8", 8, "int8-dynamic", None, description="8-bit per-channel weights, dynamic int8 activations"),
         Scheme("8da4w", 4, "int8-dynamic", 32, description="4-bit per-group(32) weights, dynamic int8 activations"),
         Scheme("int4", 4, "float", 32, description="4-bit per-group(32) weights (weight-only)"),
+        Scheme("fp16", None, "float", None, description="fp16 weights and compute", backends=("coreml",)),
+        Scheme(
+            "palettize4",
+            4,
+            "float",
+            8,  # rows per lookup table: 16 rows cost ppl x1.034 on pit-tiny (int4 block 32: x1.019), 8 rows x1.029
+            description="4-bit k-means lookup tables per group of 8 rows (weight-only)",
+            backends=("coreml",),
+        ),
     )
 }
 
@@ -45,6 +55,7 @@ def get_scheme(name: str, embedding_bits: int | None = None) -> Scheme:
         s.group_size,
         embedding_bits,
         s.description + f", {embedding_bits}-bit embedding",
+        s.backends,
     )
 
 

@@ -32,11 +32,14 @@ GATES: dict[str, dict[str, tuple[str, float]]] = {
         "greedy_agree": (">=", 1.0),
         "interface_err_max": ("<=", 1e-5),
     },
+    # fp16 rounds every activation to 11 bits: on pit-tiny logits move by ~7e-3 (at most 5e-2), and top-1 can only
+    # flip where the reference's top-2 margin is below twice that: a guaranteed >= 0.98, measured 0.999 agreement.
+    # 0.99 leaves 10x headroom on the flip rate (tests/test_coreml.py checks the per-position margin bound).
     "fp16": {"ppl_ratio": ("<=", 1.005), "top1": (">=", 0.99)},
     "int8": {"ppl_ratio": ("<=", 1.005)},
     "8da4w": {"ppl_ratio": ("<=", 1.03)},
     "int4": {"ppl_ratio": ("<=", 1.03)},
-    "palettize4": {"ppl_ratio": ("<=", 1.03)},
+    "palettize4": {"ppl_ratio": ("<=", 1.03)},  # 4-bit like int4: 16 levels per group, fitted by k-means
 }
 OPS: dict[str, Callable[[float, float], bool]] = {"<=": lambda v, t: v <= t, ">=": lambda v, t: v >= t}
 

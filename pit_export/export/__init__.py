@@ -60,7 +60,14 @@ TARGETS: dict[str, Target] = {
             "ONNX Runtime CPU / mobile, onnxruntime-genai folder",
             fallbacks=("int8",),
         ),
-        Target("ios", "coreml", "int4", "shared-z", "CoreML .mlpackage (iOS 18+)", fallbacks=("int8",)),
+        Target(
+            "ios",
+            "coreml",
+            "int4",
+            "shared-z",
+            "CoreML .mlpackage (iOS 18+), fp16 compute, KV cache as state",
+            fallbacks=("int8",),
+        ),
     )
 }
 
@@ -107,6 +114,8 @@ def export_artifact(
     t = TARGETS[target]
     sch = get_scheme(scheme or t.scheme, embedding_bits)
     layout = layout or t.layout
+    if sch.backends is not None and t.backend not in sch.backends:
+        raise BadInput(f"scheme {sch.name} is not available for target {target} (only {', '.join(sch.backends)})")
     if importlib.util.find_spec(f"{__name__}.{t.backend}") is None:
         raise Unavailable(f"target {target}: the {t.backend} exporter is not part of this build")
     try:

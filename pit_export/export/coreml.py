@@ -1,0 +1,248 @@
+"""iOS: the folded Decoder as one CoreML ML program (model.mlpackage, iOS 18), KV cache as model state.
+
+Functions of the multifunction package (one weight.bin; save_multifunction deduplicates constants across them):
+  main(tokens Int32[1, n], causal_mask Float32[1, 1, n, end]) -> logits [1, n, V]
+        n in 1..max_seq_len, end = start + n <= max_seq_len. One function with a flexible length serves both
+        prefill (n > 1) and decode (n = 1): it converts with states, and two fixed-shape functions would need a
+        padded prefill. Positions start..end-1 come from the shapes; the additive mask is the caller's (the usual
+        CoreML LLM interface), 0 where allowed and MASK_NEG elsewhere.
+  embed(tokens Int32[n]) -> [n, d]      unembed(hidden Float32[n, d]) -> [n, V]    the PIT interface probes
+
+The cache is one state per layer and k/v, written by slice assignment (`cache[:, :, start:end] = k`, converted to
+read_state, slice_update, write_state). CoreML states must be fp16. The fp16 program keeps k/v as they are computed;
+the fp32 program stores each as an fp16 pair hi + lo (k = hi + lo to ~2^-22 relative), as many bytes as an fp32
+cache, so its logits stay within the fp32 gate.
+
+Schemes: fp16 (compute and weights fp16, the default precision), fp32 (compute fp32), and compressed weights on the
+fp16 program: int8 (per-channel), int4 (per-block 32, iOS 18 blockwise), palettize4 (4-bit k-means lookup tables per
+group of 8 rows, constexpr_lut_to_dense). All are weight-only: activations stay fp16 (CoreML's int8 is not the
+dynamic-int8 of the other backends). Compression applies to linear, matmul and gather weights only: the RoPE tables
+feed slices and the mask is an input, so both stay exact; the d x d PIT transforms are excluded by name (they carry
+cond(T)).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pit_export.decoder import CachedAttention, Decoder, EntryPoint, FoldedWeights
+from pit_export.errors import BadInput
+from pit_export.quantize import Scheme
+from pit_export.runtimes.coreml import causal_mask
+
+PACKAGE = "model.mlpackage"
+FUNCTIONS = ("main", "embed", "unembed")
+SCHEMES = ("fp32", "fp16", "int8", "int4", "palettize4")
+# additive mask for disallowed keys: finite in fp16 (a float32-min mask becomes -inf there and NaN in softmax) and
+# exp(MASK_NEG + any logit) underflows to exactly 0 in both precisions
+MASK_NEG = -1e4
+
+
+class StateAttention(CachedAttention):
+    """The KV cache as fp16 state buffers written by slice assignment at the positions `input_pos` (a slice).
+
+    CoreML converts a slice assignment into a state update; an index_copy_ does not convert and an indexed assignment
+    converts but never reaches the state. Attention reads the cache up to the slice's end."""
+
+    split = False  # keep an fp16 low part next to each fp16 cache (the fp32 program)
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        shape = self.k_cache.shape
+        names = ("k_cache", "v_cache", "k_lo", "v_lo") if self.split else ("k_cache", "v_cache")
+        for name in names:
+            self.register_buffer(name, torch.zeros(shape, dtype=torch.float16), persistent=False)
+
+    def write_cache(self, input_pos: slice, k, v):
+        return self._store("k", input_pos, k), self._store("v", input_pos, v)
+
+    def _store(self, kind: str, pos: slice, x: torch.Tensor) -> torch.Tensor:
+        hi = getattr(self, f"{kind}_cache")
+        x_hi = x.to(torch.float16)
+        hi[:, :, pos] = x_hi
+        if not self.split:
+            return hi[:, :, : pos.stop].to(x.dtype)
+        lo = getattr(self, f"{kind}_lo")
+        lo[:, :, pos] = (x - x_hi.to(x.dtype)).to(torch.float16)  # the rounding error of hi, itself to 11 bits
+        return hi[:, :, : pos.stop].to(x.dtype) + lo[:, :, : pos.stop].to(x.dtype)
+
+
+class SplitStateAttention(StateAttention):
+    split = True
+
+
+class CoreMLDecoder(Decoder):
+    """forward(tokens [1, n], causal_mask [1, 1, n, end]) -> logits [1, n, V] at positions end - n .. end - 1."""
+
+    def __init__(self, fw: FoldedWeights, fp32: bool):
+        super().__init__(fw, SplitStateAttention if fp32 else StateAttention)
+
+    def forward(self, tokens: torch.Tensor, causal_mask: torch.Tensor) -> torch.Tensor:
+        end = causal_mask.shape[-1]
+        return self.run(tokens, slice(end - tokens.shape[1], end), causal_mask)
+
+    def state_names(self) -> list[str]:
+        return [n for n, _ in self.named_buffers() if ".attention." in n]
+
+
+def convert(dec: CoreMLDecoder, fp32: bool) -> dict:
+    """ct.convert of the three functions (torch.jit.trace; flexible lengths as RangeDim)."""
+    import coremltools as ct
+
+    cfg = dec.cfg
+    common = {
+        "convert_to": "mlprogram",
+        "minimum_deployment_target": ct.target.iOS18,
+        "compute_precision": ct.precision.FLOAT32 if fp32 else ct.precision.FLOAT16,
+        "skip_model_load": True,  # loading needs macOS; the package is checked by its session instead
+    }
+    n, end = ct.RangeDim(1, cfg.max_seq_len), ct.RangeDim(1, cfg.max_seq_len)
+    rows = ct.RangeDim(1, cfg.vocab_size)
+    tok2, mask2 = torch.zeros(1, 2, dtype=torch.int32), torch.from_numpy(causal_mask(1, 2, MASK_NEG))
+    with torch.no_grad():
+        main = torch.jit.trace(dec, (tok2, mask2))
+        dec.reset_cache()  # tracing ran the cache writes eagerly
+        embed = torch.jit.trace(EntryPoint(dec, "embed"), (torch.arange(3, dtype=torch.int32),))
+        unembed = torch.jit.trace(EntryPoint(dec, "unembed"), (torch.zeros(3, cfg.dim),))
+    states = [
+        ct.StateType(ct.TensorType(shape=tuple(buf.shape), dtype=np.float16), name=name)
+        for name, buf in dec.named_buffers()
+        if name in dec.state_names()
+    ]
+    return {
+        "main": ct.convert(
+            main,
+            inputs=[
+                ct.TensorType(name="tokens", shape=(1, n), dtype=np.int32),
+                ct.TensorType(name="causal_mask", shape=(1, 1, n, end), dtype=np.float32),
+            ],
+            outputs=[ct.TensorType(name="logits", dtype=np.float32)],
+            states=states,
+            **common,
+        ),
+        "embed": ct.convert(
+            embed,
+            inputs=[ct.TensorType(name="tokens", shape=(rows,), dtype=np.int32)],
+            outputs=[ct.TensorType(name="embeddings", dtype=np.float32)],
+            **common,
+        ),
+        "unembed": ct.convert(
+            unembed,
+            inputs=[ct.TensorType(name="hidden", shape=(rows, cfg.dim), dtype=np.float32)],
+            outputs=[ct.TensorType(name="logits", dtype=np.float32)],
+            **common,
+        ),
+    }
+
+
+def compression_config(scheme: Scheme, model):
+    """coremltools.optimize config for a scheme: linear/matmul/gather weights only, minus the d x d transforms."""
+    from coremltools.optimize import coreml as cto
+
+    if scheme.name == "int8":
+        op = cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8", granularity="per_channel")
+    elif scheme.name == "int4":
+        op = cto.OpLinearQuantizerConfig(
+            mode="linear_symmetric", dtype="int4", granularity="per_block", block_size=scheme.group_size
+        )
+    else:
+        op = cto.OpPalettizerConfig(
+            mode="kmeans",
+            nbits=scheme.linear_bits,
+            granularity="per_grouped_channel",
+            group_size=scheme.group_size,
+            num_kmeans_workers=1,
+        )
+    skip = {  # const names come from the traced parameter names (the converted model's MIL program)
+        c.name: None
+        for fn in model._mil_program.functions.values()
+        for c in fn.find_ops(op_type="const")
+        if "head_proj" in c.name or "embed_proj" in c.name
+    }
+    return cto.OptimizationConfig(op_type_configs={t: op for t in ("linear", "matmul", "gather")}, op_name_configs=skip)
+
+
+def compress(model, scheme: Scheme):
+    from coremltools.optimize import coreml as cto
+
+    cfg = compression_config(scheme, model)
+    if scheme.name == "palettize4":
+        return cto.palettize_weights(model, cfg)
+    return cto.linear_quantize_weights(model, cfg)
+
+
+def save_package(models: dict, dest: Path) -> None:
+    """One multifunction .mlpackage; main is the default function."""
+    import coremltools as ct
+
+    desc = ct.utils.MultiFunctionDescriptor()
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, m in models.items():
+            path = str(Path(tmp) / f"{name}.mlpackage")
+            m.save(path)
+            desc.add_function(path, src_function_name="main", target_function_name=name)
+        desc.default_function_name = "main"
+        ct.utils.save_multifunction(desc, str(dest))
+
+
+@contextlib.contextmanager
+def quiet():
+    """coremltools draws a progress bar per pass pipeline on stderr: hide them when its logging is silenced (the CLI
+    does that unless --debug); warnings about renamed state buffers (dots become underscores) always."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        if logging.getLogger("coremltools").getEffectiveLevel() < logging.ERROR:
+            yield
+        else:
+            with contextlib.redirect_stderr(io.StringIO()):
+                yield
+
+
+def export(fw: FoldedWeights, scheme: Scheme, out: Path, ckpt, progress) -> dict:
+    if scheme.embedding_bits is not None:
+        raise BadInput("CoreML compresses the embedding table with the scheme itself: drop --embedding-bits")
+    if scheme.name not in SCHEMES:
+        raise BadInput(f"scheme {scheme.name!r} is not available for CoreML (choose from {', '.join(SCHEMES)})")
+    fp32 = scheme.name == "fp32"
+    t0 = time.perf_counter()
+    dec = CoreMLDecoder(fw, fp32)
+    progress(f"convert ({'fp32' if fp32 else 'fp16'} compute)")
+    with quiet():
+        models = convert(dec, fp32)
+    t1 = time.perf_counter()
+    if scheme.linear_bits is not None:
+        progress(f"compress ({scheme.name})")
+        with quiet():
+            models = {k: compress(m, scheme) for k, m in models.items()}
+    t2 = time.perf_counter()
+    progress("save multifunction package")
+    with quiet():
+        save_package(models, Path(out) / PACKAGE)
+    cfg = fw.cfg
+    return {
+        "deploy_files": sorted(p.relative_to(out).as_posix() for p in (Path(out) / PACKAGE).rglob("*") if p.is_file()),
+        "coreml": {
+            "package": PACKAGE,
+            "functions": list(FUNCTIONS),
+            "compute_precision": "fp32" if fp32 else "fp16",
+            "activations": "fp32" if fp32 else "fp16",  # weight-only compression: int8 here is not dynamic int8
+            "kv_cache": "fp16 hi + lo state pairs" if fp32 else "fp16 states",
+            "states": [n.replace(".", "_") for n in dec.state_names()],  # as the converter names them
+            "max_seq_len": cfg.max_seq_len,
+            "vocab_size": cfg.vocab_size,
+            "mask_neg": MASK_NEG,
+            "minimum_deployment_target": "iOS18",
+            "convert_seconds": round(t1 - t0, 2),
+            "compress_seconds": round(t2 - t1, 2),
+            "save_seconds": round(time.perf_counter() - t2, 2),
+        },
+    }

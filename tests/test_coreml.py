@@ -178,11 +178,12 @@ def test_cli_exports_default_ios_target(tmp_path, pit_ckpt):
     """`pit-export export --target ios` (int4 blockwise, shared-z) validates through the evaluator before writing.
     The compressed table is one constexpr feeding the gather and the head: 4 bits + an fp16 scale per 32 weights
     (0.5625 bytes) for the folded weights, fp16 d x d transforms, and less than a second table's worth on top."""
-    out = tmp_path / "ios"
-    cmd = [sys.executable, "-m", "pit_export.cli", "export", str(DEFAULT_MODEL), "--target", "ios", "--out", str(out)]
+    root = tmp_path / "out"
+    cmd = [sys.executable, "-m", "pit_export", "export", str(DEFAULT_MODEL), "--target", "ios", "--out", str(root)]
     cmd += ["--n-windows", "8", "--n-greedy", "16"]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
     assert r.returncode == 0, r.stderr[-2000:]
+    out = root / "ios"
     meta = json.loads((out / "pit_export.json").read_text())
     assert meta["backend"] == "coreml" and meta["scheme"] == "int4" and meta["validation"]["passed"]
     assert "not CoreML runtime" in meta["validation"]["session"] or on_macos()

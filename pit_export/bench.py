@@ -208,8 +208,10 @@ def profile_decode(folder: Path, threads: int, prompt_len: int, steps: int = 16)
         "step_us": 1e6 * wall,
         "functions_us_per_step": {f"{fn} ({Path(f).name}:{line})": 1e6 * v[2] / steps for (f, line, fn), v in top},
     }
-    if ops is not None:
+    if ops is not None:  # the runtime's trace inflates absolute times (profiling overhead): the shares are what count
+        total = sum(ops.values()) or 1.0
         out["ops_us_per_step"] = {k: v / steps for k, v in ops.items()}
+        out["ops_share"] = {k: v / total for k, v in ops.items()}
     return out
 
 

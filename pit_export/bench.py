@@ -27,6 +27,7 @@ class BenchConfig:
     prompt_lens: tuple[int, ...] = (64, 128)
     gen: int = 64  # decode steps after the first token
     repeats: int = 3  # measured runs per configuration (one warm-up run more)
+    count_instructions: bool = False  # arm64-emu: executed instructions per decoded token (slow: valgrind)
 
 
 @dataclass
@@ -39,7 +40,8 @@ class RunStats:
     repeats: int
     load_s: float
     prefill_tok_s: float
-    decode_tok_s: float
+    decode_tok_s: float  # steps / their total time (median over runs): what a user sees, preemptions included
+    decode_tok_s_p50: float  # 1 / median step: less sensitive to other processes on a shared host
     ttft_ms: float
     step_p50_ms: float
     step_p90_ms: float
@@ -150,6 +152,7 @@ def measure(folder: Path, threads: int, prompt_len: int, gen: int, repeats: int)
         load_s=load_s,
         prefill_tok_s=statistics.median(prompt_len / r["ttft"] for r in runs),
         decode_tok_s=statistics.median(len(r["steps"]) / sum(r["steps"]) for r in runs),
+        decode_tok_s_p50=1 / float(np.percentile(steps, 50)),
         ttft_ms=1e3 * statistics.median(r["ttft"] for r in runs),
         step_p50_ms=1e3 * float(np.percentile(steps, 50)),
         step_p90_ms=1e3 * float(np.percentile(steps, 90)),
@@ -228,7 +231,8 @@ def run_host(folder: Path, info: dict, cfg: BenchConfig, progress=lambda msg: No
     proj = []
     for r in runs:
         tb = token_bytes(folder, info, r.prompt_len + cfg.gen // 2)  # mean context over the decode steps
-        proj.append({"threads": r.threads, "prompt_len": r.prompt_len} | projection(tb, bw["read_gbs"], r.decode_tok_s))
+        where = {"threads": r.threads, "prompt_len": r.prompt_len}
+        proj.append(where | projection(tb, bw["read_gbs"], r.decode_tok_s_p50))
     progress("host: profile one decode step")
     prof = profile_decode(folder, min(cfg.threads), max(cfg.prompt_lens))
     return {"runs": to_dicts(runs), "bandwidth": bw, "roofline": proj, "decode_profile": prof}

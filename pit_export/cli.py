@@ -378,6 +378,9 @@ def bench_cmd(
     prompt_len: Annotated[str, typer.Option(help="Prompt lengths, comma-separated.")] = "64,128",
     gen: Annotated[int, typer.Option(help="Decode steps after the first token.")] = 64,
     repeats: Annotated[int, typer.Option(help="Measured runs per configuration (after one warm-up).")] = 3,
+    instructions: Annotated[
+        bool, typer.Option(help="arm64-emu: also count executed instructions per decoded token (minutes).")
+    ] = False,
     out_file: Annotated[
         Path | None, typer.Option("--out", help="JSON file (default benchmarks/results/bench-<backend>-<where>.json).")
     ] = None,
@@ -387,7 +390,7 @@ def bench_cmd(
     from pit_export import bench
 
     cfg = bench.BenchConfig(
-        bench.parse_ints(threads, "--threads"), bench.parse_ints(prompt_len, "--prompt-len"), gen, repeats
+        bench.parse_ints(threads, "--threads"), bench.parse_ints(prompt_len, "--prompt-len"), gen, repeats, instructions
     )
     with progress(not json_out) as p:
         task = p.add_task("bench", total=None)

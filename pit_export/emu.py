@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -58,6 +60,62 @@ def host_logits(folder: Path, prompt: np.ndarray, tokens: list[int]) -> tuple[np
     return pre, dec
 
 
+def qemu_plugins() -> str | None:
+    """None if this QEMU loads TCG plugins (an executed-instruction count would come from libinsn.so), else why not."""
+    p = subprocess.run([QEMU, "-plugin", "help"], capture_output=True, text=True)
+    if p.returncode != 0:
+        return f"{QEMU} has no TCG plugin support ({(p.stderr.strip().splitlines() or ['?'])[-1]})"
+    return None
+
+
+def host_instructions(folder: Path, vocab: int, prompt_len: int, gens=(4, 20)) -> dict:
+    """Executed x86-64 instructions per decoded token on the host (valgrind callgrind, user space, all threads),
+    running the same runner as the emulator: the difference of two runs that differ only in decode steps cancels
+    start-up, load and prefill. Independent of machine load, unlike wall time; not an ARM count."""
+    from pit_export.runtimes.timing import prompt_tokens
+
+    if shutil.which("valgrind") is None:
+        return {"skipped": "valgrind not installed"}
+    counts = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for gen in gens:
+            args = {
+                "folder": str(folder.resolve()),
+                "threads": 1,
+                "prompt": prompt_tokens(prompt_len, vocab).tolist(),
+                "gen": gen,
+                "repeats": 1,
+                "out": f"{tmp}/logits.npz",
+            }
+            cmd = [
+                "valgrind",
+                "--tool=callgrind",
+                f"--callgrind-out-file={tmp}/cg.out",
+                sys.executable,
+                str(RUNNER),
+                json.dumps(args),
+            ]
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+            m = re.search(r"Collected : (\d+)", p.stderr)
+            if p.returncode != 0 or m is None:
+                return {"skipped": f"valgrind run failed: {(p.stderr.strip().splitlines() or ['?'])[-1]}"}
+            counts.append(int(m.group(1)))
+    # the runner's warm-up run decodes min(gen, 2) steps too: equal for both gens here
+    return {
+        "x86_instructions_per_decoded_token": (counts[1] - counts[0]) / (gens[1] - gens[0]),
+        "tool": "valgrind callgrind (Ir)",
+        "context": prompt_len,
+        "runs_total_ir": counts,
+        "decode_steps": list(gens),
+    }
+
+
+def instruction_counts(folder: Path, info: dict, prompt_len: int) -> dict:
+    why = qemu_plugins()
+    out = {"arm64_instructions": {"skipped": why}} if why else {}
+    return out | {"host": host_instructions(folder, info["config"]["vocab_size"], prompt_len)}
+
+
 def run(folder: Path, info: dict, cfg, progress=lambda msg: None) -> dict:
     from pit_export.runtimes.timing import prompt_tokens
 
@@ -84,7 +142,11 @@ def run(folder: Path, info: dict, cfg, progress=lambda msg: None) -> dict:
                 emu = np.load(f"{tmp}/logits.npz")
                 pre, dec = host_logits(folder, prompt, emu["tokens"].tolist())
                 runs.append(summarize(res, n, threads, load) | parity(emu, pre, dec, info["scheme"]))
-    return {"runs": runs, "emulator": {"qemu": QEMU, "cpu": QEMU_CPU, "root": str(EMU_ROOT)} | build_info()}
+    result = {"runs": runs, "emulator": {"qemu": QEMU, "cpu": QEMU_CPU, "root": str(EMU_ROOT)} | build_info()}
+    if cfg.count_instructions:
+        progress("instruction counts (valgrind: minutes)")
+        result["instructions"] = instruction_counts(folder, info, min(cfg.prompt_lens))
+    return result
 
 
 def summarize(res: dict, n: int, threads: int, load: float) -> dict:

@@ -165,7 +165,7 @@ def projection(tb: TokenBytes, host_bw_gbs: float, decode_tok_s: float) -> dict:
     return {
         "bytes_per_token": asdict(tb),
         "host_roofline_tok_s": roof,
-        "host_decode_tok_s": decode_tok_s,
+        "host_decode_tok_s": decode_tok_s,  # from the median step (contention-robust)
         "host_roofline_fraction": frac,
         "phones_projected": {
             name: {

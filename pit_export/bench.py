@@ -176,7 +176,7 @@ def measure_in_subprocess(folder: Path, threads: int, prompt_len: int, gen: int,
     return RunStats(**json.loads(lines[-1]))
 
 
-def profile_decode(folder: Path, threads: int, prompt_len: int, steps: int = 16) -> dict:
+def profile_decode(folder: Path, threads: int, prompt_len: int, steps: int = 32) -> dict:
     """Where one decode step's time goes: cProfile per Python/native entry point for every backend, plus the
     runtime's own per-op trace where the session offers one (op_profile)."""
     import cProfile

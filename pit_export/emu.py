@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from pit_export.errors import Unavailable
+from pit_export.runtimes.timing import prompt_tokens
 
 EMU_ROOT = Path(os.environ.get("PIT_EMU_ROOT", ".emu/arm64"))
 QEMU = "qemu-aarch64-static"
@@ -60,65 +61,94 @@ def host_logits(folder: Path, prompt: np.ndarray, tokens: list[int]) -> tuple[np
     return pre, dec
 
 
+QEMU_PLUGGABLE = "qemu-aarch64"  # the dynamically linked build (Debian qemu-user) loads TCG plugins
+PLUGIN = EMU_ROOT.parent / "libinsncount.so"  # built by `make emu` from benchmarks/emu/insn_count.c
+
+
 def qemu_plugins() -> str | None:
-    """None if this QEMU loads TCG plugins (an executed-instruction count would come from libinsn.so), else why not."""
-    p = subprocess.run([QEMU, "-plugin", "help"], capture_output=True, text=True)
-    if p.returncode != 0:
-        return f"{QEMU} has no TCG plugin support ({(p.stderr.strip().splitlines() or ['?'])[-1]})"
+    """None if executed ARM instructions can be counted here (plugin-capable QEMU + the counting plugin), else why."""
+    if shutil.which(QEMU_PLUGGABLE) is None:
+        return f"{QEMU_PLUGGABLE} (Debian qemu-user, plugin-capable) not installed; {QEMU} cannot load plugins"
+    if not PLUGIN.is_file():
+        return f"no instruction-count plugin at {PLUGIN} (make emu builds it; needs a C compiler)"
     return None
 
 
-def host_instructions(folder: Path, vocab: int, prompt_len: int, gens=(4, 20)) -> dict:
-    """Executed x86-64 instructions per decoded token on the host (valgrind callgrind, user space, all threads),
-    running the same runner as the emulator: the difference of two runs that differ only in decode steps cancels
-    start-up, load and prefill. Independent of machine load, unlike wall time; not an ARM count."""
-    from pit_export.runtimes.timing import prompt_tokens
+def _runner_args(folder: Path, prompt: np.ndarray, gen: int, out: str, threads: int = 1, repeats: int = 1) -> str:
+    args = {"folder": str(folder.resolve()), "threads": threads, "prompt": prompt.tolist(), "gen": gen}
+    return json.dumps(args | {"repeats": repeats, "out": out})
 
+
+def _per_token(counts: list[int], gens, tool: str, isa: str, prompt_len: int) -> dict:
+    # two runs differing only in decode steps: start-up, load, prefill and warm-up cancel in the difference
+    return {
+        f"{isa}_instructions_per_decoded_token": (counts[1] - counts[0]) / (gens[1] - gens[0]),
+        "tool": tool,
+        "context": prompt_len,
+        "runs_total": counts,
+        "decode_steps": list(gens),
+        "threads": 1,
+    }
+
+
+def arm_instructions(folder: Path, vocab: int, prompt_len: int, gens=(4, 20)) -> dict:
+    """Executed ARM64 instructions per decoded token (QEMU TCG plugin, inline count): independent of emulation
+    speed and machine load."""
+    counts = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for gen in gens:
+            env = os.environ | {"QEMU_CPU": QEMU_CPU, "OMP_NUM_THREADS": "1"}
+            cmd = [
+                QEMU_PLUGGABLE,
+                "-plugin",
+                str(PLUGIN),
+                "-L",
+                str(EMU_ROOT),
+                str(EMU_ROOT / "usr/bin/python3.11"),
+                str(RUNNER),
+                _runner_args(folder, prompt_tokens(prompt_len, vocab), gen, f"{tmp}/l.npz"),
+            ]
+            p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
+            m = re.search(r"insns: (\d+)", p.stderr)
+            if p.returncode != 0 or m is None:
+                return {"skipped": f"counting run failed: {(p.stderr.strip().splitlines() or ['?'])[-1]}"}
+            counts.append(int(m.group(1)))
+    return _per_token(counts, gens, "QEMU TCG plugin (benchmarks/emu/insn_count.c)", "arm64", prompt_len)
+
+
+def host_instructions(folder: Path, vocab: int, prompt_len: int, gens=(4, 20)) -> dict:
+    """Executed x86-64 instructions per decoded token on the host (valgrind callgrind, all threads), same runner:
+    the fallback where ARM instructions cannot be counted. Not an ARM count."""
     if shutil.which("valgrind") is None:
         return {"skipped": "valgrind not installed"}
     counts = []
     with tempfile.TemporaryDirectory() as tmp:
         for gen in gens:
-            args = {
-                "folder": str(folder.resolve()),
-                "threads": 1,
-                "prompt": prompt_tokens(prompt_len, vocab).tolist(),
-                "gen": gen,
-                "repeats": 1,
-                "out": f"{tmp}/logits.npz",
-            }
             cmd = [
                 "valgrind",
                 "--tool=callgrind",
                 f"--callgrind-out-file={tmp}/cg.out",
                 sys.executable,
                 str(RUNNER),
-                json.dumps(args),
+                _runner_args(folder, prompt_tokens(prompt_len, vocab), gen, f"{tmp}/l.npz"),
             ]
-            p = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
             m = re.search(r"Collected : (\d+)", p.stderr)
             if p.returncode != 0 or m is None:
                 return {"skipped": f"valgrind run failed: {(p.stderr.strip().splitlines() or ['?'])[-1]}"}
             counts.append(int(m.group(1)))
-    # the runner's warm-up run decodes min(gen, 2) steps too: equal for both gens here
-    return {
-        "x86_instructions_per_decoded_token": (counts[1] - counts[0]) / (gens[1] - gens[0]),
-        "tool": "valgrind callgrind (Ir)",
-        "context": prompt_len,
-        "runs_total_ir": counts,
-        "decode_steps": list(gens),
-    }
+    return _per_token(counts, gens, "valgrind callgrind (Ir)", "x86_64", prompt_len)
 
 
 def instruction_counts(folder: Path, info: dict, prompt_len: int) -> dict:
+    vocab = info["config"]["vocab_size"]
     why = qemu_plugins()
-    out = {"arm64_instructions": {"skipped": why}} if why else {}
-    return out | {"host": host_instructions(folder, info["config"]["vocab_size"], prompt_len)}
+    if why is None:
+        return {"arm64": arm_instructions(folder, vocab, prompt_len)}
+    return {"arm64": {"skipped": why}, "host": host_instructions(folder, vocab, prompt_len)}
 
 
 def run(folder: Path, info: dict, cfg, progress=lambda msg: None) -> dict:
-    from pit_export.runtimes.timing import prompt_tokens
-
     if info["backend"] in NOT_EMULATED:
         raise Unavailable(f"arm64-emu: {NOT_EMULATED[info['backend']]}")
     root()
@@ -129,16 +159,9 @@ def run(folder: Path, info: dict, cfg, progress=lambda msg: None) -> dict:
             progress(f"arm64-emu: threads={threads} prompt={n} gen={cfg.gen} x{cfg.repeats} (emulated: slow)")
             prompt = prompt_tokens(n, vocab)
             with tempfile.TemporaryDirectory() as tmp:
-                args = {
-                    "folder": str(folder.resolve()),
-                    "threads": threads,
-                    "prompt": prompt.tolist(),
-                    "gen": cfg.gen,
-                    "repeats": cfg.repeats,
-                    "out": f"{tmp}/logits.npz",
-                }
+                args = _runner_args(folder, prompt, cfg.gen, f"{tmp}/logits.npz", threads, cfg.repeats)
                 load = os.getloadavg()[0]
-                res = json.loads(emulated_python(RUNNER, json.dumps(args), timeout=3600))
+                res = json.loads(emulated_python(RUNNER, args, timeout=3600))
                 emu = np.load(f"{tmp}/logits.npz")
                 pre, dec = host_logits(folder, prompt, emu["tokens"].tolist())
                 runs.append(summarize(res, n, threads, load) | parity(emu, pre, dec, info["scheme"]))

@@ -141,3 +141,10 @@ def test_prompt_tokens_in_vocab():
 
 def test_results_default_path():
     assert bench.default_out({"backend": "onnx"}, "host") == Path("benchmarks/results/bench-onnx-host.json")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not EMU_READY or emu.qemu_plugins() is not None, reason="no plugin-capable QEMU + counting plugin")
+def test_arm64_instruction_count(onnx_untied):
+    counts = emu.instruction_counts(onnx_untied, bench.artifact_info(onnx_untied), 8)
+    assert counts["arm64"]["arm64_instructions_per_decoded_token"] > 0

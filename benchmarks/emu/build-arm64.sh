@@ -5,10 +5,16 @@ set -eu
 ROOT=$1
 PY=${2:-python3}
 MIRROR=${MIRROR:-http://deb.debian.org/debian}
-[ -f "$ROOT/.complete" ] && { echo "emu root ready: $ROOT"; exit 0; }
-if ! command -v qemu-aarch64-static >/dev/null || ! command -v debootstrap >/dev/null; then
-    apt-get install -y qemu-user-static debootstrap
+# qemu-user: the dynamically linked build loads TCG plugins (the static one cannot): instruction counts
+if ! command -v qemu-aarch64-static >/dev/null || ! command -v qemu-aarch64 >/dev/null \
+    || ! command -v debootstrap >/dev/null; then
+    apt-get install -y --no-install-recommends qemu-user-static qemu-user debootstrap
 fi
+PLUGIN=$(dirname "$ROOT")/libinsncount.so
+if [ ! -f "$PLUGIN" ] && command -v cc >/dev/null; then
+    cc -O2 -shared -fPIC -o "$PLUGIN" "$(dirname "$0")/insn_count.c"
+fi
+[ -f "$ROOT/.complete" ] && { echo "emu root ready: $ROOT"; exit 0; }
 start=$(date +%s)
 rm -rf "$ROOT" && mkdir -p "$ROOT"
 debootstrap --foreign --arch=arm64 --variant=minbase --include=python3 bookworm "$ROOT" "$MIRROR"

@@ -11,7 +11,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +27,7 @@ class BenchConfig:
     prompt_lens: tuple[int, ...] = (64, 128)
     gen: int = 64  # decode steps after the first token
     repeats: int = 3  # measured runs per configuration (one warm-up run more)
-    count_instructions: bool = False  # arm64-emu: executed instructions per decoded token (slow: valgrind)
+    count_instructions: bool = False  # arm64-emu: executed instructions per decoded token (minutes)
 
 
 @dataclass
@@ -45,11 +45,11 @@ class RunStats:
     ttft_ms: float
     step_p50_ms: float
     step_p90_ms: float
-    peak_rss_mb: float
-    base_rss_mb: float  # interpreter + runtime imports before the artifact is opened
+    peak_rss_mb: float  # VmHWM of the configuration's process
+    base_rss_mb: float  # before the artifact is opened: interpreter + pit_export's imports (torch among them)
+    session_rss_mb: float  # peak - base: what opening and running this artifact added
     loadavg_1m: float  # at the start of this configuration: the host is shared, wall times are contended
-    first_token: int = 0  # the greedy token after the prompt, same for every run and thread count
-    extra: dict = field(default_factory=dict)
+    first_token: int = 0  # the greedy token after the prompt: a cheap cross-check between configurations
 
 
 def parse_ints(text: str, flag: str) -> tuple[int, ...]:
@@ -158,6 +158,7 @@ def measure(folder: Path, threads: int, prompt_len: int, gen: int, repeats: int)
         step_p90_ms=1e3 * float(np.percentile(steps, 90)),
         peak_rss_mb=_rss_kb("VmHWM") / 1024,
         base_rss_mb=base / 1024,
+        session_rss_mb=(_rss_kb("VmHWM") - base) / 1024,
         loadavg_1m=load_avg,
         first_token=runs[0]["tokens"][0],
     )
@@ -176,9 +177,10 @@ def measure_in_subprocess(folder: Path, threads: int, prompt_len: int, gen: int,
     return RunStats(**json.loads(lines[-1]))
 
 
-def profile_decode(folder: Path, threads: int, prompt_len: int, steps: int = 32) -> dict:
-    """Where one decode step's time goes: cProfile per Python/native entry point for every backend, plus the
-    runtime's own per-op trace where the session offers one (op_profile)."""
+def profile_decode(folder: Path, threads: int, prompt_len: int, gen: int) -> dict:
+    """Where one decode step's time goes, over up to 32 steps after 2 warm-up steps (within prompt_len + gen): cProfile
+    per Python/native entry point for every backend, plus the runtime's own per-op trace where the session offers one
+    (op_profile)."""
     import cProfile
     import pstats
     import tempfile
@@ -190,7 +192,8 @@ def profile_decode(folder: Path, threads: int, prompt_len: int, steps: int = 32)
         sess = open_session(folder, threads=threads, profile_dir=tmp)
         prompt = prompt_tokens(prompt_len, sess.vocab_size)
         tok = int(np.argmax(sess.prefill(prompt, 0)[-1]))
-        warm = 2
+        warm = min(2, gen - 1)
+        steps = min(32, gen - warm)
         for i in range(warm):
             tok = int(np.argmax(sess.decode(tok, prompt_len + i)))
         prof = cProfile.Profile()
@@ -234,7 +237,7 @@ def run_host(folder: Path, info: dict, cfg: BenchConfig, progress=lambda msg: No
         where = {"threads": r.threads, "prompt_len": r.prompt_len}
         proj.append(where | projection(tb, bw["read_gbs"], r.decode_tok_s_p50))
     progress("host: profile one decode step")
-    prof = profile_decode(folder, min(cfg.threads), max(cfg.prompt_lens))
+    prof = profile_decode(folder, min(cfg.threads), max(cfg.prompt_lens), cfg.gen)
     return {"runs": to_dicts(runs), "bandwidth": bw, "roofline": proj, "decode_profile": prof}
 
 
@@ -292,7 +295,7 @@ def to_dicts(stats: list[RunStats]) -> list[dict]:
     return [asdict(s) for s in stats]
 
 
-SKIP_COLS = {"gen", "repeats", "extra", "first_token", "base_rss_mb"}
+SKIP_COLS = {"gen", "repeats", "first_token", "base_rss_mb"}
 
 
 def table(data: dict):

@@ -96,8 +96,8 @@ def arm_instructions(folder: Path, vocab: int, prompt_len: int, gens=(4, 20)) ->
     speed and machine load."""
     counts = []
     with tempfile.TemporaryDirectory() as tmp:
-        for gen in gens:
-            env = os.environ | {"QEMU_CPU": QEMU_CPU, "OMP_NUM_THREADS": "1"}
+        for gen in gens:  # a fixed hash seed: the same Python code path in both runs
+            env = os.environ | {"QEMU_CPU": QEMU_CPU, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
             cmd = [
                 QEMU_PLUGGABLE,
                 "-plugin",

@@ -174,5 +174,5 @@ def export(fw: FoldedWeights, scheme: Scheme, out: Path, ckpt, progress) -> dict
             "needs_quantized_kernels": scheme.embedding_bits is not None,
             "export_seconds": round(t1 - t0, 2),
             "lower_seconds": round(t2 - t1, 2),
-        },
+        }
     }

@@ -398,7 +398,7 @@ def export(fw: FoldedWeights, scheme: Scheme, out: Path, ckpt, progress=lambda m
             "ort_bytes": (out / ORT_MODEL).stat().st_size,
             "ops": _op_counts(model),
             **{k: round(v, 2) for k, v in times.items()},
-        },
+        }
     }
 
 

@@ -52,8 +52,8 @@ def run(folder: Path, info: dict, cfg, progress=lambda msg: None) -> dict:
         raise Unavailable("adb: set PIT_ADB_RUNNER to an ExecuTorch executor_runner built for the device")
     progress(f"adb {serial}: push")
     adb("-s", serial, "shell", "mkdir", "-p", REMOTE)
-    for f in [*info["deploy_files"], runner]:
-        adb("-s", serial, "push", str(folder / f if f != runner else runner), REMOTE)
+    for path in [*(folder / f for f in info["deploy_files"]), Path(runner)]:
+        adb("-s", serial, "push", str(path), REMOTE)
     cmd, pattern = RUNNERS[Path(program).suffix]
     remote_runner = f"{REMOTE}/{Path(runner).name}"
     adb("-s", serial, "shell", "chmod", "+x", remote_runner)

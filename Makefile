@@ -38,7 +38,8 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check pit_export models runtimes tests benchmarks
 
 # An emulated ARM64 userland (Debian bookworm, numpy + onnxruntime) for `pit-export bench --where arm64-emu`:
-# installs qemu-user-static and debootstrap with apt-get when missing (root, Debian registries). ~1.5 min, ~390 MB.
+# installs qemu-user-static, qemu-user (loads TCG plugins: instruction counts) and debootstrap with apt-get when
+# missing (root, Debian registries) and compiles the counting plugin. ~1.5 min, ~390 MB in .emu/.
 EMU_ROOT := .emu/arm64
 emu:
 	sh benchmarks/emu/build-arm64.sh $(EMU_ROOT) $(PY)

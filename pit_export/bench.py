@@ -285,10 +285,16 @@ def default_out(info: dict, where: str) -> Path:
 
 
 def write_json(data: dict, path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
+    from pit_export.models.checkpoint import OutputError
+
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=float) + "\n")
-    tmp.replace(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(data, indent=2, default=float) + "\n")
+        tmp.replace(path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 def to_dicts(stats: list[RunStats]) -> list[dict]:

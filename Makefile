@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed
 DEFAULT_MODEL := models/pit-tiny
 BASELINE_MODEL := models/tied-tiny
 
-.PHONY: demo test test-slow lint install clean
+.PHONY: demo test test-slow lint install clean emu
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -36,6 +36,13 @@ test-slow: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check pit_export models runtimes tests benchmarks
 	$(BIN)/ruff format --check pit_export models runtimes tests benchmarks
+
+# An emulated ARM64 userland (Debian bookworm, numpy + onnxruntime) for `pit-export bench --where arm64-emu`:
+# installs qemu-user-static, qemu-user (loads TCG plugins: instruction counts) and debootstrap with apt-get when
+# missing (root, Debian registries) and compiles the counting plugin. ~1.5 min, ~390 MB in .emu/.
+EMU_ROOT := .emu/arm64
+emu:
+	sh benchmarks/emu/build-arm64.sh $(EMU_ROOT) $(PY)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

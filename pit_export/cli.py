@@ -370,6 +370,40 @@ def generate(
     sess.close()
 
 
+@app.command("bench")
+def bench_cmd(
+    artifact: Annotated[Path, typer.Argument(help="Artifact folder (its pit_export.json).")],
+    where: Annotated[str, typer.Option(help="host | arm64-emu (QEMU, `make emu`) | adb (attached Android device).")] = (
+        "host"
+    ),
+    threads: Annotated[str, typer.Option(help="Thread counts, comma-separated.")] = "1,2",
+    prompt_len: Annotated[str, typer.Option(help="Prompt lengths, comma-separated.")] = "64,128",
+    gen: Annotated[int, typer.Option(help="Decode steps after the first token.")] = 64,
+    repeats: Annotated[int, typer.Option(help="Measured runs per configuration (after one warm-up).")] = 3,
+    instructions: Annotated[
+        bool, typer.Option(help="arm64-emu: also count executed instructions per decoded token (minutes).")
+    ] = False,
+    out_file: Annotated[
+        Path | None, typer.Option("--out", help="JSON file (default benchmarks/results/bench-<backend>-<where>.json).")
+    ] = None,
+    json_out: JsonOpt = False,
+):
+    """Prefill/decode speed, time to first token, peak RSS, load time, size, bytes/token and phone projections."""
+    from pit_export import bench
+
+    cfg = bench.BenchConfig(
+        bench.parse_ints(threads, "--threads"), bench.parse_ints(prompt_len, "--prompt-len"), gen, repeats, instructions
+    )
+    with progress(not json_out) as p:
+        task = p.add_task("bench", total=None)
+        data = bench.bench(artifact, where, cfg, lambda m: p.update(task, description=m))
+    path = out_file or bench.default_out(data["artifact"], where)
+    bench.write_json(data, path)
+    _emit(data, json_out, bench.table(data))
+    if not json_out:
+        out.print(f"{data['label']}; JSON: {path}", highlight=False)
+
+
 @app.command()
 def train(
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Checkpoint folder to write.")],

@@ -16,7 +16,7 @@ class ExecuTorchSession:
     cache slot past the current position, so a new sequence from position 0 never reads stale entries
     (tests/test_executorch.py checks this against a fresh program)."""
 
-    def __init__(self, folder: Path, threads: int | None = None):
+    def __init__(self, folder: Path, threads: int | None = None, profile_dir: str | None = None):
         from executorch.runtime import Runtime
 
         folder = Path(folder)
@@ -32,6 +32,12 @@ class ExecuTorchSession:
                 _unsafe_reset_threadpool(threads)
             self.program = Runtime.get().load_program(folder / et["program"], data_path=data)
             self.methods = {m: self.program.load_method(m) for m in ("forward", "embed", "unembed")}
+        self.profile_dir = profile_dir
+        if profile_dir:  # forward through a module that records an ETDump (per-op times, XNNPACK ops included)
+            from executorch.extension.pybindings.portable_lib import _load_for_executorch
+
+            self._traced = _load_for_executorch(str(folder / et["program"]), str(data) if data else None, True)
+            self.methods["forward"] = _TracedMethod(self._traced, "forward")
         md = et["metadata"]
         self.name = f"executorch xnnpack ({meta['scheme']}, {meta['layout']})"
         self.scheme, self.layout = meta["scheme"], meta["layout"]
@@ -63,6 +69,24 @@ class ExecuTorchSession:
             "unembed", torch.as_tensor(np.asarray(hidden, dtype=np.float32)).reshape(-1, self.hidden_size)
         )
 
+    def op_profile(self, skip_runs: int = 1) -> dict[str, float]:
+        """Microseconds per op over the forward runs after the first `skip_runs`, from the ETDump: leaf events only
+        (portable kernels and XNNPACK operators; their wrappers OPERATOR_CALL/DELEGATE_CALL would count twice)."""
+        import re
+
+        from executorch.devtools import Inspector
+
+        path = str(Path(self.profile_dir) / "forward.etdp")
+        self._traced.write_etdump_result_to_file(path)
+        out: dict[str, float] = {}
+        for block in Inspector(etdump_path=path).event_blocks:
+            for e in block.events if block.name == "Execute" else []:
+                if e.perf_data is None or e.name in WRAPPERS:
+                    continue
+                name = re.sub(r" #\d+$", "", e.name).removeprefix("native_call_")
+                out[name] = out.get(name, 0.0) + 1e3 * sum(e.perf_data.raw[skip_runs:])
+        return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
     def reset(self):
         pass
 
@@ -71,6 +95,17 @@ class ExecuTorchSession:
         self.program = None
 
 
+WRAPPERS = {"Method::execute", "OPERATOR_CALL", "DELEGATE_CALL"}
+
+
+class _TracedMethod:
+    def __init__(self, module, name: str):
+        self.module, self.name = module, name
+
+    def execute(self, inputs):
+        return self.module.run_method(self.name, tuple(inputs))
+
+
 @register("executorch")
-def open_executorch(path, threads: int | None = None, **_):
-    return ExecuTorchSession(Path(path), threads)
+def open_executorch(path, threads: int | None = None, profile_dir: str | None = None, **_):
+    return ExecuTorchSession(Path(path), threads, profile_dir)

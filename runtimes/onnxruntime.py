@@ -11,8 +11,11 @@ import onnxruntime as ort
 from .base import register
 
 
-def _session(path: Path, threads: int | None) -> ort.InferenceSession:
+def _session(path: Path, threads: int | None, profile_dir: str | None = None) -> ort.InferenceSession:
     so = ort.SessionOptions()
+    if profile_dir:  # ORT's per-node trace (chrome tracing JSON), read back by op_profile()
+        so.enable_profiling = True
+        so.profile_file_prefix = str(Path(profile_dir) / "ort")
     if threads:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
@@ -23,7 +26,7 @@ class OrtSession:
     """prefill/decode feed the kept present k/v back as past, truncated to start_pos (positions >= start_pos are
     recomputed); batch 1."""
 
-    def __init__(self, path, threads: int | None = None, model_file: str = "model.onnx"):
+    def __init__(self, path, threads: int | None = None, model_file: str = "model.onnx", profile_dir=None):
         path = Path(path)
         meta = json.loads((path / "pit_export.json").read_text())
         cfg = json.loads((path / "config.json").read_text())
@@ -31,7 +34,7 @@ class OrtSession:
         self.name = f"onnxruntime {model_file} ({self.scheme}, {meta.get('layout', '?')})"
         self.vocab_size, self.hidden_size, self.max_seq_len = cfg["vocab_size"], cfg["dim"], cfg["max_seq_len"]
         self.kv_shape = (1, cfg["n_kv_heads"], 0, cfg["dim"] // cfg["n_heads"])
-        self.model = _session(path / model_file, threads)
+        self.model = _session(path / model_file, threads, profile_dir)
         self._embed = _session(path / "embed.onnx", threads)
         self._unembed = _session(path / "unembed.onnx", threads)
         self.past_names = [i.name for i in self.model.get_inputs() if i.name.startswith("past_key_values.")]
@@ -65,15 +68,28 @@ class OrtSession:
     def unembed(self, hidden):
         return self._unembed.run(None, {"hidden": np.asarray(hidden, dtype=np.float32)[None]})[0][0]
 
+    def op_profile(self, skip_runs: int = 1) -> dict[str, float]:
+        """Microseconds per op type over the model runs after the first `skip_runs` (the prefill), from ORT's trace;
+        ends profiling."""
+        events = json.loads(Path(self.model.end_profiling()).read_text())
+        runs = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == "model_run")[skip_runs:]
+        out: dict[str, float] = {}
+        for e in events:
+            if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+                if any(a <= e["ts"] <= b for a, b in runs):
+                    op = e.get("args", {}).get("op_name", "?")
+                    out[op] = out.get(op, 0.0) + e["dur"]
+        return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
     def close(self):
         self.model = self._embed = self._unembed = None
 
 
 @register("onnx")
-def open_onnx(path, threads: int | None = None, model_file: str = "model.onnx", **_):
+def open_onnx(path, threads: int | None = None, model_file: str = "model.onnx", profile_dir=None, **_):
     from pit_export.errors import BadInput
 
     try:
-        return OrtSession(path, threads, model_file)
+        return OrtSession(path, threads, model_file, profile_dir)
     except (OSError, KeyError, ValueError, ort.capi.onnxruntime_pybind11_state.Fail) as e:
         raise BadInput(f"{path}: not a loadable onnx artifact ({str(e).splitlines()[0][:200]})") from None

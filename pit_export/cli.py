@@ -371,6 +371,28 @@ def train(
     out.print(f"held-out perplexity {m['heldout_ppl']:.2f} (unigram {m['unigram_ppl']:.2f}) -> {out_dir}")
 
 
+@app.command("import-hf")
+def import_hf_cmd(
+    src: Annotated[
+        Path, typer.Argument(help="Local HF Llama-family folder (config.json, *.safetensors, tokenizer.json).")
+    ],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="PIT checkpoint folder to write.")],
+    init: Annotated[str, typer.Option(help="T: identity | input (embeddings exact) | output (head exact).")] = "output",
+    max_seq_len: Annotated[int, typer.Option(help="Context of the imported model (capped by the teacher's).")] = 512,
+    n_windows: Annotated[int, typer.Option(help="Held-out windows for the teacher-vs-PIT KL.")] = 4,
+    threads: ThreadsOpt = 2,
+    json_out: JsonOpt = False,
+):
+    """Import a Hugging Face Llama-family checkpoint as PIT (polar decomposition of its table) and report the KL."""
+    import torch
+
+    from pit_export.hf_import import import_hf
+
+    torch.set_num_threads(threads)
+    rep = import_hf(src, out_dir, init, max_seq_len, n_windows, progress=lambda m: err.print(f"[dim]{m}[/dim]"))
+    _emit({"out": str(out_dir), **asdict(rep)}, json_out, _kv_table(f"imported {src} -> {out_dir}", asdict(rep)))
+
+
 def main():
     """Console entry point: one-line errors and distinct exit codes instead of tracebacks.
 

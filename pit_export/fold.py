@@ -11,7 +11,7 @@ max |W E - (W E)_ref| with W = unembed(I_d), E = embed(0..V-1), next to its roun
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -100,17 +100,24 @@ def fold(ckpt: Checkpoint | Transformer, layout: str) -> tuple[FoldedWeights, Fo
 
 def reference_interface(model: Transformer) -> torch.Tensor:
     """(W E)_ref in float64 from the training graph itself: I_d for PIT (up to ~1e-14), E^T E for tied."""
-    m = _float64_copy(model)
+    m = float64_interface(model)
     with torch.no_grad():
         W = m.unembed(torch.eye(model.cfg.dim, dtype=torch.float64))
         E = m.embed(torch.arange(model.cfg.vocab_size))
     return W @ E
 
 
-def _float64_copy(module):
+def float64_interface(model: Transformer) -> Transformer:
+    """A float64 view of the model's embed/unembed only: the body stays shared (and fp32), so the reference interface
+    of a large model costs one float64 table, not a float64 copy of every weight."""
     import copy
 
-    return copy.deepcopy(module).double()
+    m = copy.copy(model)
+    m._modules = {k: copy.deepcopy(v).double() for k, v in model._modules.items() if k in INTERFACE_MODULES}
+    return m
+
+
+INTERFACE_MODULES = ("pit", "tok_embeddings", "output")  # what Transformer.embed / unembed read
 
 
 def interface_matrices(dec: Decoder) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,18 +127,26 @@ def interface_matrices(dec: Decoder) -> tuple[torch.Tensor, torch.Tensor]:
     return W, E
 
 
+def interface_weights(fw: FoldedWeights) -> FoldedWeights:
+    """The folded tables without the body (a zero-layer decoder): embed/unembed are the same, at a fraction of the
+    memory when evaluated in float64."""
+    cfg = replace(fw.cfg, n_layers=0)
+    return FoldedWeights(cfg, fw.layout, {k: v for k, v in fw.tensors.items() if not k.startswith("layers.")})
+
+
 def interface_bound(fw: FoldedWeights) -> torch.Tensor:
     """Elementwise bound on |W E - (W E)_ref| from fp32 storage and fp32 evaluation of the layout's chain.
 
     Each of W = diag(1/g) A B^T and E = C D is a chain of at most two length-d products of rounded factors, so
     |W'E' - WE| <= 2 gamma_{2d+4} (|W|-chain)(|E|-chain), with the chains evaluated on absolute values."""
-    abs_fw = FoldedWeights(fw.cfg, fw.layout, {k: v.abs() for k, v in fw.tensors.items()})
+    iw = interface_weights(fw)
+    abs_fw = FoldedWeights(iw.cfg, fw.layout, {k: v.abs() for k, v in iw.tensors.items()})
     Wa, Ea = interface_matrices(Decoder(abs_fw).double())
     return 2 * gamma(2 * fw.cfg.dim + 4) * (Wa @ Ea)
 
 
 def _report(fw: FoldedWeights, model: Transformer, cond: float) -> FoldReport:
-    dec = Decoder(fw).double()  # fp32-rounded weights evaluated exactly: the fold's own error
+    dec = Decoder(interface_weights(fw)).double()  # fp32-rounded weights evaluated exactly: the fold's own error
     W, E = interface_matrices(dec)
     err = W @ E - reference_interface(model)
     bound = interface_bound(fw)

@@ -82,6 +82,7 @@ def inspect(ckpt: CkptArg, json_out: JsonOpt = False):
     import torch
 
     from pit_export.fold import reference_interface
+    from pit_export.interface import model_diagnostics
 
     c = _load(ckpt)
     cfg = c.config
@@ -105,6 +106,7 @@ def inspect(ckpt: CkptArg, json_out: JsonOpt = False):
     wE = reference_interface(c.model) - torch.eye(cfg.dim, dtype=torch.float64)
     info["delta_TI_max"] = wE.abs().max().item()  # |W_out E - I|: ~0 for PIT, large for tied/untied
     info["delta_TI_fro"] = torch.linalg.norm(wE).item()
+    info["interface"] = model_diagnostics(c.model)  # input vs output table: cosines, kNN overlap, delta_TI_selfsim
     rows = {
         "tying": cfg.tying,
         "vocab x dim": f"{cfg.vocab_size} x {cfg.dim}",
@@ -115,6 +117,8 @@ def inspect(ckpt: CkptArg, json_out: JsonOpt = False):
     for k in ("cond_T", "T_eig_min", "T_eig_max", "L_diag_min", "ortho_err_max", "delta_TI_max", "delta_TI_fro"):
         if k in info:
             rows[k] = info[k]
+    for k, v in info["interface"].items():
+        rows[k] = f"{v['mean']:.4g} (p05 {v['p05']:.4g})" if isinstance(v, dict) else v
     _emit(info, json_out, _kv_table(f"checkpoint {ckpt}", rows))
 
 

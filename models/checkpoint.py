@@ -9,13 +9,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tokenizers import Tokenizer
 
 from .pit import ModelConfig, Transformer, expected_shapes
@@ -102,9 +103,7 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         raise CheckpointError(f"{path / TOKENIZER}: unreadable tokenizer ({str(e).splitlines()[0]})") from None
     if tok.get_vocab_size() != cfg.vocab_size:
         raise CheckpointError(f"tokenizer has {tok.get_vocab_size()} tokens, config vocab_size={cfg.vocab_size}")
-    model = Transformer(cfg)
-    model.load_checkpoint_state(tensors)
-    model.eval().requires_grad_(False)
+    model = Transformer.from_checkpoint_state(cfg, tensors)
     return Checkpoint(path, cfg, model, tok, ortho)
 
 
@@ -130,10 +129,31 @@ def atomic_dir(dest: Path, write) -> Path:
     return dest
 
 
+ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """The safetensors format, written one tensor at a time: safetensors.torch.save_file first serialises every
+    tensor into one buffer, a second copy of the model in memory. Widest dtypes first keeps every offset aligned."""
+    items = sorted(tensors.items(), key=lambda kv: (-kv[1].element_size(), kv[0]))
+    header: dict = {"__metadata__": metadata} if metadata else {}
+    off = 0
+    for k, t in items:
+        n = t.numel() * t.element_size()
+        header[k] = {"dtype": ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [off, off + n]}
+        off += n
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(head)) + head)
+        for _, t in items:
+            f.write(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+
+
 def save_checkpoint(dest, model: Transformer, tokenizer: Tokenizer, extra_files: dict[str, str] | None = None):
     def write(tmp: Path):
         (tmp / CONFIG).write_text(model.cfg.to_json())
-        save_file(model.state_for_checkpoint(), tmp / WEIGHTS, metadata={"format": "pt", "tying": model.cfg.tying})
+        save_tensors(model.state_for_checkpoint(), tmp / WEIGHTS, {"format": "pt", "tying": model.cfg.tying})
         tokenizer.save(str(tmp / TOKENIZER))
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)

@@ -15,11 +15,11 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from pit_export.decoder import LAYOUTS, Decoder, FoldedWeights
 from pit_export.errors import BadInput
-from pit_export.models.checkpoint import CONFIG, TOKENIZER, Checkpoint, atomic_dir
+from pit_export.models.checkpoint import CONFIG, TOKENIZER, Checkpoint, atomic_dir, save_tensors
 from pit_export.models.pit import ModelConfig, Transformer
 
 U32 = 2.0**-24  # unit roundoff of fp32
@@ -186,7 +186,7 @@ def _warnings(layout: str, cond: float) -> list[str]:
 
 def save_folded(dest: Path, fw: FoldedWeights, report: FoldReport, ckpt: Checkpoint) -> Path:
     def write(tmp: Path):
-        save_file(fw.tensors, tmp / FOLDED_WEIGHTS, metadata={"layout": fw.layout})
+        save_tensors(fw.tensors, tmp / FOLDED_WEIGHTS, {"layout": fw.layout})
         (tmp / CONFIG).write_text(fw.cfg.to_json())
         ckpt.tokenizer.save(str(tmp / TOKENIZER))
         meta = {"backend": "torch", "layout": fw.layout, "scheme": "fp32", "source": str(ckpt.path)}

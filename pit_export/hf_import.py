@@ -29,7 +29,7 @@ from tokenizers import Tokenizer
 
 from pit_export.errors import BadInput
 from pit_export.models.checkpoint import TOKENIZER, save_checkpoint
-from pit_export.models.pit import ModelConfig, Transformer, polar_factor, rope_tables
+from pit_export.models.pit import ModelConfig, Transformer, polar_factor
 
 INITS = ("identity", "input", "output")
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
@@ -223,17 +223,8 @@ def read_config(src: Path, max_seq_len: int) -> ModelConfig:
 # ---------------------------------------------------------------- models from tensors (shared, no copies)
 
 
-def build_model(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> Transformer:
-    """A Transformer whose parameters are the given tensors (assigned, not copied: no second copy of the weights)."""
-    with torch.device("meta"):
-        m = Transformer(cfg)
-    m.load_state_dict(state, strict=True, assign=True)
-    m.rope_cos, m.rope_sin = rope_tables(cfg)  # non-persistent buffers were built on meta
-    return m.eval().requires_grad_(False)
-
-
 def pit_state(cfg: ModelConfig, teacher: dict[str, torch.Tensor], init: str) -> tuple[dict, dict]:
-    """PIT parameters (as the Transformer's state dict) from the teacher's tensors, and stats of the decomposition.
+    """PIT checkpoint tensors from the teacher's tensors, and stats of the decomposition.
 
     The body and final norm are the teacher's tensors themselves; only Z and L are new."""
     if init not in INITS:
@@ -254,9 +245,7 @@ def pit_state(cfg: ModelConfig, teacher: dict[str, torch.Tensor], init: str) -> 
     z32 = Z.float()
     del Z
     state = {k: v for k, v in teacher.items() if k not in ("tok_embeddings.weight", "output.weight")}
-    state["pit.z"] = z32
-    state["pit.l_strict"] = torch.tril(L, -1).float()
-    state["pit.l_log_diag"] = torch.diagonal(L).log().float()
+    state["pit.z"], state["pit.l"] = z32, L.float()
     ev = torch.linalg.eigvalsh(T)
     stats = {"cond_T": (ev.max() / ev.min()).item(), "cond_table": (w.max() / w.min()).sqrt().item()}
     return state, stats
@@ -316,7 +305,10 @@ def import_hf(
     tensors = read_tensors(src, cfg)
     progress(f"polar decomposition ({init})")
     state, stats = pit_state(cfg, tensors, init)
-    teacher, pit = build_model(cfg, tensors), build_model(pit_config(cfg), state)
+    teacher, pit = (
+        Transformer.from_checkpoint_state(cfg, tensors),
+        Transformer.from_checkpoint_state(pit_config(cfg), state),
+    )
     del tensors, state
     from pit_export.models.checkpoint import orthonormality_error
 

@@ -9,12 +9,12 @@ import sys
 import pytest
 import torch
 from pit_export.models.checkpoint import load_checkpoint
-from pit_export.models.pit import ModelConfig
+from pit_export.models.pit import ModelConfig, Transformer
 from safetensors.torch import load_file, save_file
 
 from pit_export.errors import BadInput
 from pit_export.fold import gamma
-from pit_export.hf_import import build_model, import_hf, pit_config, pit_state, read_config, read_tensors
+from pit_export.hf_import import import_hf, pit_config, pit_state, read_config, read_tensors
 
 from .conftest import DEFAULT_MODEL
 from .hf_models import save_hf
@@ -39,7 +39,7 @@ def teacher_and_pit(src, init):
     cfg = read_config(src, 64)
     tensors = read_tensors(src, cfg)
     state, stats = pit_state(cfg, tensors, init)
-    return cfg, tensors, build_model(pit_config(cfg), state), stats
+    return cfg, tensors, Transformer.from_checkpoint_state(pit_config(cfg), state), stats
 
 
 @pytest.mark.parametrize("name", ["tied-tiny", "tied", "untied"])
@@ -49,7 +49,7 @@ def test_teacher_graph_matches_transformers(hf_dirs, name):
 
     src = hf_dirs[name]
     cfg = read_config(src, 64)
-    ours = build_model(cfg, read_tensors(src, cfg))
+    ours = Transformer.from_checkpoint_state(cfg, read_tensors(src, cfg))
     hf = LlamaForCausalLM.from_pretrained(src).eval()
     x = torch.randint(0, cfg.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

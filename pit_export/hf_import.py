@@ -28,8 +28,9 @@ from safetensors import safe_open
 from tokenizers import Tokenizer
 
 from pit_export.errors import BadInput
+from pit_export.fold import vocab_chunks
 from pit_export.models.checkpoint import TOKENIZER, save_checkpoint
-from pit_export.models.pit import ModelConfig, Transformer, polar_factor
+from pit_export.models.pit import ModelConfig, Transformer
 
 INITS = ("identity", "input", "output")
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
@@ -223,6 +224,27 @@ def read_config(src: Path, max_seq_len: int) -> ModelConfig:
 # ---------------------------------------------------------------- models from tensors (shared, no copies)
 
 
+def polar_rows(rows, V: int, d: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin polar decomposition A = U H of a V x d table given by row chunks rows(slice), in float64 chunks:
+    H^2 = A^T A = Q diag(s^2) Q^T (a d x d Gram accumulated over chunks), U = A Q diag(1/s) Q^T, stored fp32.
+    Returns (U fp32, singular values s, Q). No V x d float64 table, no SVD workspace: memory stays at the fp32 U.
+    Squaring the condition number costs float64 accuracy ~cond(A)^2 * 1e-16, far below fp32 storage for any usable
+    table; the rank check refuses tables where it would not be."""
+    chunks = vocab_chunks(V)
+    G = torch.zeros(d, d, dtype=torch.float64)
+    for c in chunks:
+        a = rows(c).double()
+        G += a.T @ a
+    w, Q = torch.linalg.eigh(G)
+    if w.min() <= w.max() * 1e-12:  # cond(A) >= 1e6: not an embedding table PIT can tie through
+        raise BadInput(
+            f"embedding table is (nearly) rank-deficient: singular values {w.min().sqrt():.3g} .. {w.max().sqrt():.3g}"
+        )
+    s = w.sqrt()
+    h_inv = (Q / s) @ Q.T
+    return torch.cat([(rows(c).double() @ h_inv).float() for c in chunks]), s, Q
+
+
 def pit_state(cfg: ModelConfig, teacher: dict[str, torch.Tensor], init: str) -> tuple[dict, dict]:
     """PIT checkpoint tensors from the teacher's tensors, and stats of the decomposition.
 
@@ -231,23 +253,17 @@ def pit_state(cfg: ModelConfig, teacher: dict[str, torch.Tensor], init: str) -> 
         raise BadInput(f"--init must be one of {INITS}, got {init!r}")
     E0 = teacher["tok_embeddings.weight"]
     W0 = teacher.get("output.weight", E0)
-    table = {"identity": E0.double() + W0.double(), "input": E0, "output": W0}[init]
-    Z, H = polar_factor(table)
-    del table
-    w, Q = torch.linalg.eigh(H)
-    if w.min() <= 0:
-        raise BadInput(f"the {init} table is rank-deficient (smallest singular value {w.min().item():.3g})")
+    rows = {"identity": lambda c: E0[c].double() + W0[c].double(), "input": lambda c: E0[c], "output": lambda c: W0[c]}
+    Z, s, Q = polar_rows(rows[init], cfg.vocab_size, cfg.dim)
     if init == "identity":
         T = torch.eye(cfg.dim, dtype=torch.float64)
-    else:  # input: T = H^-1 so Z T^-1 = Z H = E0; output: T = H so T Z^T = H Z^T = W0^T
-        T = (Q * (w if init == "output" else 1.0 / w)) @ Q.T
+    else:  # H = Q diag(s) Q^T. input: T = H^-1 so Z T^-1 = Z H = E0; output: T = H so T Z^T = H Z^T = W0^T
+        T = (Q * (s if init == "output" else 1.0 / s)) @ Q.T
     L = torch.linalg.cholesky((T + T.T) / 2)
-    z32 = Z.float()
-    del Z
     state = {k: v for k, v in teacher.items() if k not in ("tok_embeddings.weight", "output.weight")}
-    state["pit.z"], state["pit.l"] = z32, L.float()
+    state["pit.z"], state["pit.l"] = Z, L.float()
     ev = torch.linalg.eigvalsh(T)
-    stats = {"cond_T": (ev.max() / ev.min()).item(), "cond_table": (w.max() / w.min()).sqrt().item()}
+    stats = {"cond_T": (ev.max() / ev.min()).item(), "cond_table": (s.max() / s.min()).item()}
     return state, stats
 
 

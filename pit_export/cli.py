@@ -345,16 +345,34 @@ def generate(
 def train(
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Checkpoint folder to write.")],
     tying: Annotated[str, typer.Option(help="pit | tied | untied")] = "pit",
-    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 800,
+    steps: Annotated[int | None, typer.Option(help="Optimizer steps (default 800; 100 with --from).")] = None,
     tokenizer_from: Annotated[Path | None, typer.Option(help="Reuse this checkpoint's tokenizer.")] = None,
     train_z: Annotated[bool, typer.Option(help="PIT: train Z too, re-orthonormalised after each step.")] = False,
+    from_ckpt: Annotated[
+        Path | None, typer.Option("--from", help="Adapt an imported PIT checkpoint to its teacher (distillation).")
+    ] = None,
+    teacher: Annotated[Path | None, typer.Option(help="With --from: HF teacher folder (default: import's).")] = None,
+    train_body: Annotated[bool, typer.Option(help="With --from: train the body too, not only L.")] = False,
     threads: ThreadsOpt = 2,
 ):
-    """Train a small model (and BPE tokenizer) on the CPython stdlib corpus: how the default models were made."""
+    """Train a small model (and BPE tokenizer) on the CPython stdlib corpus: how the default models were made.
+
+    With --from: short distillation of an imported PIT model towards its teacher; KL before/after."""
     from pit_export.models.pit import TYINGS, ModelConfig
     from pit_export.models.train import TrainConfig
     from pit_export.models.train import train as run_train
 
+    if from_ckpt is not None:
+        import torch
+
+        from pit_export.adapt import AdaptConfig, adapt
+
+        torch.set_num_threads(threads)
+        ac = AdaptConfig(steps=steps or AdaptConfig.steps, train_body=train_body)
+        rep = adapt(from_ckpt, out_dir, ac, teacher, progress=lambda m: err.print(f"[dim]{m}[/dim]"))
+        out.print(f"KL(teacher || PIT) {rep['before']['kl_mean']:.4f} -> {rep['after']['kl_mean']:.4f} -> {out_dir}")
+        return
+    steps = steps or 800
     if tying not in TYINGS:
         raise BadInput(f"--tying must be one of {TYINGS}")
     with progress() as p:

@@ -160,7 +160,8 @@ def export(fw: FoldedWeights, scheme: Scheme, out: Path, ckpt, progress) -> dict
     meta = metadata(fw.cfg)
     external = fw.layout != "untied"  # the only way ExecuTorch keeps one copy of a shared table
     program = lower(programs, meta, external)
-    (Path(out) / PTE).write_bytes(program.buffer)
+    with open(Path(out) / PTE, "wb") as f:  # streams the program's segments: .buffer would join them into one copy
+        program.write_to_file(f)
     if external:
         program.write_tensor_data_to_file(str(out))
     t2 = time.perf_counter()

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from pit_export.models.pit import ModelConfig
@@ -74,6 +75,19 @@ def main(argv=None):
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "scale-135m.json")
     ap.add_argument("--max-seq-len", type=int, default=256)
     ap.add_argument("--n-windows", type=int, default=4)
+    ap.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="Stages of one wave (the two exports, the two validations) "
+        "run concurrently: wall times then include contention; peak RSS stays per process.",
+    )
+    ap.add_argument(
+        "--only",
+        default=None,
+        help="Comma-separated stage names to run; the others' records are kept "
+        "from an existing --out file (resuming an interrupted run).",
+    )
     a = ap.parse_args(argv)
     work = a.work or Path(tempfile.mkdtemp(prefix="pit-scale-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -87,17 +101,26 @@ def main(argv=None):
     setup_s = time.perf_counter() - t0
     ckpt_bytes = sum(f.stat().st_size for f in hf.glob("*.safetensors"))
     pit, w = work / "pit", str(a.n_windows)
-    stages = [
-        ("import-hf", ["import-hf", hf, "--out", pit, "--init", "output", "--max-seq-len", a.max_seq_len, "--json"]),
-        ("fold shared-z", ["fold", pit, "--layout", "shared-z", "--out", work / "folded", "--json"]),
-    ]
     targets = {"android": work / "android", "onnx-cpu": work / "onnx-cpu"}
-    for t, d in targets.items():
-        stages.append((f"export {t}", ["export", pit, "--target", t, "--scheme", "fp32", "--out", d, "--no-validate"]))
-        stages[-1][1].append("--json")
-    for t, d in targets.items():
-        stages.append((f"validate {t}", ["validate", pit, "--artifact", d, "--n-windows", w, "--json"]))
-    records = [run_stage(n, args) for n, args in stages]
+    waves = [
+        [("import-hf", ["import-hf", hf, "--out", pit, "--init", "output", "--max-seq-len", a.max_seq_len, "--json"])],
+        [("fold shared-z", ["fold", pit, "--layout", "shared-z", "--out", work / "folded", "--json"])],
+        [
+            (f"export {t}", ["export", pit, "--target", t, "--scheme", "fp32", "--out", d, "--no-validate", "--json"])
+            for t, d in targets.items()
+        ],
+        [(f"validate {t}", ["validate", pit, "--artifact", d, "--n-windows", w, "--json"]) for t, d in targets.items()],
+    ]
+    only = set(a.only.split(",")) if a.only else None
+    kept = {}
+    if only and a.out.is_file():
+        kept = {r["stage"]: r for r in json.loads(a.out.read_text())["stages"]}
+    records = []
+    for wave in waves:
+        run = [(n, args) for n, args in wave if only is None or n in only]
+        with ThreadPoolExecutor(max(1, min(a.jobs, len(run) or 1))) as pool:
+            done = dict(zip([n for n, _ in run], pool.map(lambda st: run_stage(*st), run), strict=True))
+        records += [done.get(n) or kept[n] for n, _ in wave if n in done or n in kept]
     budget_mb = 3 * ckpt_bytes / 1e6 * (1e6 / 2**20)
     parity = {}
     for r in records:
@@ -111,7 +134,8 @@ def main(argv=None):
         "fp32_checkpoint_mb": round(ckpt_bytes / 2**20, 1),
         "rss_budget_mb": round(budget_mb, 1),
         "setup_seconds": round(setup_s, 1),
-        "stages": [{k: v for k, v in r.items() if k != "result"} for r in records],
+        "jobs": a.jobs,
+        "stages": records,
         "within_budget": {r["stage"]: r["peak_rss_mb"] <= budget_mb for r in records},
         "import": next((r["result"] for r in records if r["stage"] == "import-hf" and "result" in r), None),
         "parity": parity,

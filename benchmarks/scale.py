@@ -112,9 +112,10 @@ def main(argv=None):
         [(f"validate {t}", ["validate", pit, "--artifact", d, "--n-windows", w, "--json"]) for t, d in targets.items()],
     ]
     only = set(a.only.split(",")) if a.only else None
-    kept = {}
+    kept, kept_parity = {}, {}
     if only and a.out.is_file():
-        kept = {r["stage"]: r for r in json.loads(a.out.read_text())["stages"]}
+        old = json.loads(a.out.read_text())
+        kept, kept_parity = {r["stage"]: r for r in old["stages"]}, old.get("parity", {})
     records = []
     for wave in waves:
         run = [(n, args) for n, args in wave if only is None or n in only]
@@ -122,7 +123,7 @@ def main(argv=None):
             done = dict(zip([n for n, _ in run], pool.map(lambda st: run_stage(*st), run), strict=True))
         records += [done.get(n) or kept[n] for n, _ in wave if n in done or n in kept]
     budget_mb = 3 * ckpt_bytes / 1e6 * (1e6 / 2**20)
-    parity = {}
+    parity = dict(kept_parity)
     for r in records:
         if r["stage"].startswith("validate") and "result" in r:
             res = r["result"]["results"][0]

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import signal
+import struct
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tokenizers import Tokenizer
 
 from .pit import ModelConfig, Transformer, expected_shapes
@@ -133,9 +134,7 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         want = (path / CHECKSUM).read_text().split()[0] if (path / CHECKSUM).read_text().strip() else ""
         if file_sha256(path / WEIGHTS) != want:
             raise CheckpointError(f"{path / WEIGHTS}: sha256 differs from {CHECKSUM} (corrupted or modified file)")
-    model = Transformer(cfg)
-    model.load_checkpoint_state(tensors)
-    model.eval().requires_grad_(False)
+    model = Transformer.from_checkpoint_state(cfg, tensors)
     return Checkpoint(path, cfg, model, tok, ortho)
 
 
@@ -244,12 +243,33 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """The safetensors format, written one tensor at a time: safetensors.torch.save_file first serialises every
+    tensor into one buffer, a second copy of the model in memory. Widest dtypes first keeps every offset aligned."""
+    items = sorted(tensors.items(), key=lambda kv: (-kv[1].element_size(), kv[0]))
+    header: dict = {"__metadata__": metadata} if metadata else {}
+    off = 0
+    for k, t in items:
+        n = t.numel() * t.element_size()
+        header[k] = {"dtype": ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [off, off + n]}
+        off += n
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(head)) + head)
+        for _, t in items:
+            f.write(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+
+
 def save_checkpoint(
     dest, model: Transformer, tokenizer: Tokenizer, extra_files: dict[str, str] | None = None, force: bool = False
 ):
     def write(tmp: Path):
         (tmp / CONFIG).write_text(model.cfg.to_json())
-        save_file(model.state_for_checkpoint(), tmp / WEIGHTS, metadata={"format": "pt", "tying": model.cfg.tying})
+        save_tensors(model.state_for_checkpoint(), tmp / WEIGHTS, {"format": "pt", "tying": model.cfg.tying})
         (tmp / CHECKSUM).write_text(file_sha256(tmp / WEIGHTS) + "\n")
         tokenizer.save(str(tmp / TOKENIZER))
         for name, text in (extra_files or {}).items():

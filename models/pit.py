@@ -214,12 +214,6 @@ class PITTying(nn.Module):
     def export_tensors(self) -> dict[str, torch.Tensor]:
         return {"pit.z": self.z.detach(), "pit.l": self.cholesky_factor().detach()}
 
-    @torch.no_grad()
-    def import_tensors(self, z: torch.Tensor, l: torch.Tensor) -> None:
-        self.z.copy_(z)
-        self.l_strict.copy_(torch.tril(l, -1))
-        self.l_log_diag.copy_(torch.diagonal(l).log())
-
 
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
@@ -277,16 +271,26 @@ class Transformer(nn.Module):
             sd.update({k: v.contiguous() for k, v in self.pit.export_tensors().items()})
         return sd
 
-    def load_checkpoint_state(self, sd: dict[str, torch.Tensor]) -> None:
+    def load_checkpoint_state(self, sd: dict[str, torch.Tensor], assign: bool = False) -> None:
+        """Checkpoint tensors (`pit.l`, not its parametrisation) into the model; assign=True takes the tensors
+        themselves as parameters instead of copying them (see from_checkpoint_state)."""
         sd = dict(sd)
-        if self.cfg.tying == "pit":
-            self.pit.import_tensors(sd.pop("pit.z"), sd.pop("pit.l"))
-            missing, unexpected = self.load_state_dict(sd, strict=False)
-            missing = [m for m in missing if not m.startswith("pit.")]
-        else:
-            missing, unexpected = self.load_state_dict(sd, strict=False)
+        if self.cfg.tying == "pit" and "pit.l" in sd:
+            l = sd.pop("pit.l")
+            sd["pit.l_strict"], sd["pit.l_log_diag"] = torch.tril(l, -1), torch.diagonal(l).log()
+        missing, unexpected = self.load_state_dict(sd, strict=False, assign=assign)
         if missing or unexpected:
             raise KeyError(f"missing {missing[:3]} unexpected {unexpected[:3]}")
+
+    @classmethod
+    def from_checkpoint_state(cls, cfg: ModelConfig, sd: dict[str, torch.Tensor]) -> Transformer:
+        """A model whose parameters are the given tensors: built on the meta device, so no random init (nor the QR of
+        a V x d Gaussian) and no second copy of the weights. Memory-mapped tensors stay memory-mapped."""
+        with torch.device("meta"):
+            m = cls(cfg)
+        m.load_checkpoint_state(sd, assign=True)
+        m.rope_cos, m.rope_sin = rope_tables(cfg)  # non-persistent buffers were built on meta
+        return m.eval().requires_grad_(False)
 
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:

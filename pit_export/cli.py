@@ -95,6 +95,7 @@ def inspect(ckpt: CkptArg, json_out: JsonOpt = False):
     import torch
 
     from pit_export.fold import reference_interface
+    from pit_export.interface import model_diagnostics
 
     c = _load(ckpt)
     cfg = c.config
@@ -118,6 +119,7 @@ def inspect(ckpt: CkptArg, json_out: JsonOpt = False):
     wE = reference_interface(c.model) - torch.eye(cfg.dim, dtype=torch.float64)
     info["delta_TI_max"] = wE.abs().max().item()  # |W_out E - I|: ~0 for PIT, large for tied/untied
     info["delta_TI_fro"] = torch.linalg.norm(wE).item()
+    info["interface"] = model_diagnostics(c.model)  # input vs output table: cosines, kNN overlap, delta_TI_selfsim
     rows = {
         "tying": cfg.tying,
         "vocab x dim": f"{cfg.vocab_size} x {cfg.dim}",
@@ -128,6 +130,8 @@ def inspect(ckpt: CkptArg, json_out: JsonOpt = False):
     for k in ("cond_T", "T_eig_min", "T_eig_max", "L_diag_min", "ortho_err_max", "delta_TI_max", "delta_TI_fro"):
         if k in info:
             rows[k] = info[k]
+    for k, v in info["interface"].items():
+        rows[k] = f"{v['mean']:.4g} (p05 {v['p05']:.4g})" if isinstance(v, dict) else v
     _emit(info, json_out, _kv_table(f"checkpoint {ckpt}", rows))
 
 
@@ -266,6 +270,9 @@ def export_cmd(
         Path | None, typer.Option(help="Tied checkpoint exported with the same presets, for size comparison.")
     ] = None,
     keep_failed: Annotated[bool, typer.Option(help="Keep artifacts that fail their gates (marked failed).")] = False,
+    check: Annotated[
+        bool, typer.Option("--validate/--no-validate", help="Validate through each runtime (gates) before writing.")
+    ] = True,
     force: ForceOpt = False,
     n_windows: Annotated[int, typer.Option(help="Held-out windows for validation.")] = 8,
     n_greedy: Annotated[int, typer.Option(help="Greedy tokens compared.")] = 64,
@@ -288,6 +295,7 @@ def export_cmd(
         threads=threads,
         keep_failed=keep_failed,
         force=force,
+        validate=check,
     )
     pipeline.check_options(opts)
     _check_out(out_dir, force)
@@ -408,17 +416,36 @@ def bench_cmd(
 def train(
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Checkpoint folder to write.")],
     tying: Annotated[str, typer.Option(help="pit | tied | untied")] = "pit",
-    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 800,
+    steps: Annotated[int | None, typer.Option(help="Optimizer steps (default 800; 100 with --from).")] = None,
     tokenizer_from: Annotated[Path | None, typer.Option(help="Reuse this checkpoint's tokenizer.")] = None,
     train_z: Annotated[bool, typer.Option(help="PIT: train Z too, re-orthonormalised after each step.")] = False,
+    from_ckpt: Annotated[
+        Path | None, typer.Option("--from", help="Adapt an imported PIT checkpoint to its teacher (distillation).")
+    ] = None,
+    teacher: Annotated[Path | None, typer.Option(help="With --from: HF teacher folder (default: import's).")] = None,
+    train_body: Annotated[bool, typer.Option(help="With --from: train the body too, not only L.")] = False,
     threads: ThreadsOpt = 2,
     force: ForceOpt = False,
 ):
-    """Train a small model (and BPE tokenizer) on the CPython stdlib corpus: how the default models were made."""
+    """Train a small model (and BPE tokenizer) on the CPython stdlib corpus: how the default models were made.
+
+    With --from: short distillation of an imported PIT model towards its teacher; KL before/after."""
     from pit_export.models.pit import TYINGS, ModelConfig
     from pit_export.models.train import TrainConfig
     from pit_export.models.train import train as run_train
 
+    if from_ckpt is not None:
+        import torch
+
+        from pit_export.adapt import AdaptConfig, adapt
+
+        _check_out(out_dir, force)
+        torch.set_num_threads(threads)
+        ac = AdaptConfig(steps=steps or AdaptConfig.steps, train_body=train_body)
+        rep = adapt(from_ckpt, out_dir, ac, teacher, progress=lambda m: err.print(f"[dim]{m}[/dim]"), force=force)
+        out.print(f"KL(teacher || PIT) {rep['before']['kl_mean']:.4f} -> {rep['after']['kl_mean']:.4f} -> {out_dir}")
+        return
+    steps = steps or 800
     if tying not in TYINGS:
         raise BadInput(f"--tying must be one of {TYINGS}")
     _check_out(out_dir, force)
@@ -455,6 +482,32 @@ def quiet_toolchains():
         onnxruntime.set_default_logger_severity(3)
     except ImportError:
         pass
+
+
+@app.command("import-hf")
+def import_hf_cmd(
+    src: Annotated[
+        Path, typer.Argument(help="Local HF Llama-family folder (config.json, *.safetensors, tokenizer.json).")
+    ],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="PIT checkpoint folder to write.")],
+    init: Annotated[str, typer.Option(help="T: identity | input (embeddings exact) | output (head exact).")] = "output",
+    max_seq_len: Annotated[int, typer.Option(help="Context of the imported model (capped by the teacher's).")] = 512,
+    n_windows: Annotated[int, typer.Option(help="Held-out windows for the teacher-vs-PIT KL.")] = 4,
+    threads: ThreadsOpt = 2,
+    force: ForceOpt = False,
+    json_out: JsonOpt = False,
+):
+    """Import a Hugging Face Llama-family checkpoint as PIT (polar decomposition of its table) and report the KL."""
+    import torch
+
+    from pit_export.hf_import import import_hf
+
+    _check_out(out_dir, force)
+    torch.set_num_threads(threads)
+    rep = import_hf(
+        src, out_dir, init, max_seq_len, n_windows, progress=lambda m: err.print(f"[dim]{m}[/dim]"), force=force
+    )
+    _emit({"out": str(out_dir), **asdict(rep)}, json_out, _kv_table(f"imported {src} -> {out_dir}", asdict(rep)))
 
 
 def main():

@@ -118,7 +118,8 @@ class Decoder(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.register_buffer("positions", torch.arange(cfg.max_seq_len), persistent=False)
-        missing, unexpected = self.load_state_dict(fw.tensors, strict=False)
+        # assign: the folded tensors themselves become the parameters (no second copy of the model)
+        missing, unexpected = self.load_state_dict(fw.tensors, strict=False, assign=True)
         missing = [m for m in missing if "cache" not in m and not m.startswith(("rope_", "positions"))]
         if missing or unexpected:
             raise KeyError(f"folded weights do not fit layout {fw.layout}: missing {missing} unexpected {unexpected}")

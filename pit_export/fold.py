@@ -11,15 +11,16 @@ max |W E - (W E)_ref| with W = unembed(I_d), E = embed(0..V-1), next to its roun
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from torch import nn
 
 from pit_export.decoder import LAYOUTS, Decoder, FoldedWeights
 from pit_export.errors import BadInput
-from pit_export.models.checkpoint import CONFIG, TOKENIZER, Checkpoint, atomic_dir
+from pit_export.models.checkpoint import CONFIG, TOKENIZER, Checkpoint, atomic_dir, save_tensors
 from pit_export.models.pit import ModelConfig, Transformer
 
 U32 = 2.0**-24  # unit roundoff of fp32
@@ -55,8 +56,13 @@ def _body_tensors(model: Transformer) -> dict[str, torch.Tensor]:
     out = {}
     for k, v in model.state_dict().items():
         if k.startswith("layers."):
-            out[k.replace("_norm.weight", "_norm")] = v.float().clone()
+            out[k.replace("_norm.weight", "_norm")] = v.float()  # shared with the model: nothing writes to either
     return out
+
+
+def rows64(table: torch.Tensor, f) -> torch.Tensor:
+    """f applied in float64 to row chunks of a V x d table, results fp32: no V x d float64 temporaries."""
+    return torch.cat([f(table[c].double()).float() for c in vocab_chunks(len(table))])
 
 
 def fold(ckpt: Checkpoint | Transformer, layout: str) -> tuple[FoldedWeights, FoldReport]:
@@ -71,46 +77,74 @@ def fold(ckpt: Checkpoint | Transformer, layout: str) -> tuple[FoldedWeights, Fo
     t["inv_gain"] = (1.0 / g).float()
     cond = 1.0
     if cfg.tying == "pit":
-        L, Z = model.pit.cholesky_factor().double(), model.pit.z.double()
+        L, Z = model.pit.cholesky_factor().double(), model.pit.z
         T = L @ L.T
         ev = torch.linalg.eigvalsh(T)
         cond = (ev.max() / ev.min()).item()
-        # E^T = T^-1 Z^T by two triangular solves: L Y = Z^T, L^T E^T = Y
-        E = torch.linalg.solve_triangular(L.T, torch.linalg.solve_triangular(L, Z.T, upper=False), upper=True).T
-        if layout == "untied":
-            t["tok_embeddings.weight"], t["output.weight"] = E, Z @ T * g  # output.weight = (diag(g) T Z^T)^T
+
+        def embed_rows(z):  # E^T = T^-1 Z^T by two triangular solves: L Y = Z^T, L^T E^T = Y
+            return torch.linalg.solve_triangular(L.T, torch.linalg.solve_triangular(L, z.T, upper=False), upper=True).T
+
+        if layout == "untied":  # output.weight = (diag(g) T Z^T)^T
+            t["tok_embeddings.weight"], t["output.weight"] = rows64(Z, embed_rows), rows64(Z, lambda z: z @ T * g)
         elif layout == "shared-z":
             T_inv = torch.cholesky_solve(I, L)  # triangular solves again; symmetric up to rounding
             t["table.weight"], t["embed_proj.weight"], t["head_proj.weight"] = Z, T_inv.T, (g[:, None] * T).T
         else:  # shared-e: T Z^T = T (E T)^T = T^2 E^T
-            t["table.weight"], t["head_proj.weight"] = E, (g[:, None] * (T @ T)).T
+            t["table.weight"], t["head_proj.weight"] = rows64(Z, embed_rows), (g[:, None] * (T @ T)).T
     elif cfg.tying == "tied":
-        W = model.tok_embeddings.weight.double()
+        W = model.tok_embeddings.weight
         if layout == "untied":
-            t["tok_embeddings.weight"], t["output.weight"] = W, W * g
+            t["tok_embeddings.weight"], t["output.weight"] = W, rows64(W, lambda w: w * g)
         else:
             t["table.weight"], t["head_proj.weight"] = W, torch.diag(g)
     else:
-        t["tok_embeddings.weight"] = model.tok_embeddings.weight.double()
-        t["output.weight"] = model.output.weight.double() * g
+        t["tok_embeddings.weight"] = model.tok_embeddings.weight
+        t["output.weight"] = rows64(model.output.weight, lambda w: w * g)
     tensors = {k: v.float().contiguous() for k, v in t.items()}
     fw = FoldedWeights(cfg, layout, tensors, {"cond_T": cond})
     return fw, _report(fw, model, cond)
 
 
+VOCAB_CHUNK = 8192  # the interface products are sums over tokens: d x d accumulators, never a V x d float64 table
+
+
+def vocab_chunks(V: int, chunk: int = VOCAB_CHUNK) -> list[slice]:
+    return [slice(s, min(V, s + chunk)) for s in range(0, V, chunk)]
+
+
 def reference_interface(model: Transformer) -> torch.Tensor:
-    """(W E)_ref in float64 from the training graph itself: I_d for PIT (up to ~1e-14), E^T E for tied."""
-    m = _float64_copy(model)
-    with torch.no_grad():
-        W = m.unembed(torch.eye(model.cfg.dim, dtype=torch.float64))
-        E = m.embed(torch.arange(model.cfg.vocab_size))
-    return W @ E
+    """(W E)_ref in float64 from the training graph itself: I_d for PIT (up to ~1e-14), E^T E for tied.
+
+    W E = sum over token chunks c of W[:, c] E[c], each from the model's own embed/unembed on its chunk."""
+    eye = torch.eye(model.cfg.dim, dtype=torch.float64)
+    acc = torch.zeros_like(eye)
+    for c in vocab_chunks(model.cfg.vocab_size):
+        m = float64_interface(model, c)
+        with torch.no_grad():
+            acc += m.unembed(eye) @ m.embed(torch.arange(c.stop - c.start))
+    return acc
 
 
-def _float64_copy(module):
+INTERFACE_PARAMS = {"pit": ("z",), "tok_embeddings": ("weight",), "output": ("weight",)}  # what embed/unembed read
+
+
+def float64_interface(model: Transformer, tokens: slice | None = None) -> Transformer:
+    """A float64 view of the model's embed/unembed only, optionally restricted to a token range (the V-sized
+    parameters sliced): the body stays shared and fp32, so a large model's reference interface costs a chunk."""
     import copy
 
-    return copy.deepcopy(module).double()
+    m = copy.copy(model)
+    m._modules = {}
+    for name, mod in model._modules.items():
+        if name not in INTERFACE_PARAMS:
+            continue
+        sub = m._modules[name] = copy.copy(mod)
+        sub._parameters = {
+            k: p if p is None else nn.Parameter((p[tokens] if tokens and k in INTERFACE_PARAMS[name] else p).double())
+            for k, p in mod._parameters.items()
+        }
+    return m
 
 
 def interface_matrices(dec: Decoder) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,20 +154,41 @@ def interface_matrices(dec: Decoder) -> tuple[torch.Tensor, torch.Tensor]:
     return W, E
 
 
+TABLES = ("table.weight", "tok_embeddings.weight", "output.weight")  # the folded V x d tensors
+
+
+def interface_weights(fw: FoldedWeights, tokens: slice | None = None, fn=None) -> FoldedWeights:
+    """The folded tables without the body (a zero-layer decoder: embed/unembed unchanged), optionally restricted to a
+    token range (V-sized tensors sliced) and mapped by fn (e.g. abs)."""
+    V = fw.cfg.vocab_size
+    cfg = replace(fw.cfg, n_layers=0, vocab_size=tokens.stop - tokens.start if tokens else V)
+    tensors = {}
+    for k, v in fw.tensors.items():
+        if not k.startswith("layers."):
+            v = v[tokens] if tokens and k in TABLES else v
+            tensors[k] = fn(v) if fn else v
+    return FoldedWeights(cfg, fw.layout, tensors)
+
+
+def interface_product(fw: FoldedWeights, fn=None) -> torch.Tensor:
+    """W E of the stored fp32 weights (mapped by fn) evaluated exactly (float64), one token chunk at a time."""
+    acc = torch.zeros(fw.cfg.dim, fw.cfg.dim, dtype=torch.float64)
+    for c in vocab_chunks(fw.cfg.vocab_size):
+        W, E = interface_matrices(Decoder(interface_weights(fw, c, fn)).double())
+        acc += W @ E
+    return acc
+
+
 def interface_bound(fw: FoldedWeights) -> torch.Tensor:
     """Elementwise bound on |W E - (W E)_ref| from fp32 storage and fp32 evaluation of the layout's chain.
 
     Each of W = diag(1/g) A B^T and E = C D is a chain of at most two length-d products of rounded factors, so
     |W'E' - WE| <= 2 gamma_{2d+4} (|W|-chain)(|E|-chain), with the chains evaluated on absolute values."""
-    abs_fw = FoldedWeights(fw.cfg, fw.layout, {k: v.abs() for k, v in fw.tensors.items()})
-    Wa, Ea = interface_matrices(Decoder(abs_fw).double())
-    return 2 * gamma(2 * fw.cfg.dim + 4) * (Wa @ Ea)
+    return 2 * gamma(2 * fw.cfg.dim + 4) * interface_product(fw, torch.abs)
 
 
 def _report(fw: FoldedWeights, model: Transformer, cond: float) -> FoldReport:
-    dec = Decoder(fw).double()  # fp32-rounded weights evaluated exactly: the fold's own error
-    W, E = interface_matrices(dec)
-    err = W @ E - reference_interface(model)
+    err = interface_product(fw) - reference_interface(model)  # fp32-rounded weights evaluated exactly
     bound = interface_bound(fw)
     cfg = fw.cfg
     V = cfg.vocab_size
@@ -171,7 +226,7 @@ def _warnings(layout: str, cond: float) -> list[str]:
 
 def save_folded(dest: Path, fw: FoldedWeights, report: FoldReport, ckpt: Checkpoint, force: bool = False) -> Path:
     def write(tmp: Path):
-        save_file(fw.tensors, tmp / FOLDED_WEIGHTS, metadata={"layout": fw.layout})
+        save_tensors(fw.tensors, tmp / FOLDED_WEIGHTS, {"layout": fw.layout})
         (tmp / CONFIG).write_text(fw.cfg.to_json())
         ckpt.tokenizer.save(str(tmp / TOKENIZER))
         meta = {"backend": "torch", "layout": fw.layout, "scheme": "fp32", "source": str(ckpt.path)}

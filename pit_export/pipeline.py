@@ -41,6 +41,7 @@ class PipelineOptions:
     threads: int = 2
     keep_failed: bool = False
     force: bool = False
+    validate: bool = True  # False: export only (status "unvalidated"; `pit-export validate` can check later)
     baseline: Checkpoint | None = None  # tied checkpoint exported with the same presets, for the size comparison
 
 
@@ -48,7 +49,7 @@ class PipelineOptions:
 class ArtifactResult:
     target: str
     folder: str  # relative to OUT
-    status: str  # passed | failed | unavailable
+    status: str  # passed | failed | unavailable | unvalidated
     scheme: str | None = None
     layout: str | None = None
     manifest: dict = field(default_factory=dict)  # the artifact's pit_export.json
@@ -183,12 +184,14 @@ def _one_target(ckpt, target, root: Path, rel: str, opts: PipelineOptions, progr
                 opts.layout,
                 emb_bits,
                 lambda msg: progress(rel, msg),
-                check,
+                check if opts.validate else None,
             )
         except Unavailable as e:
             if not skip_unavailable:
                 raise
             return ArtifactResult(target, rel, "unavailable", note=str(e))
+        if not checked:
+            return ArtifactResult(target, rel, "unvalidated", manifest["scheme"], manifest["layout"], manifest)
         v = checked[0]
         res = ArtifactResult(
             target,

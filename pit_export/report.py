@@ -33,7 +33,7 @@ _ARTIFACT = {
     "properties": {
         "target": {"type": "string"},
         "folder": {"type": "string"},
-        "status": {"enum": ["passed", "failed", "unavailable"]},
+        "status": {"enum": ["passed", "failed", "unavailable", "unvalidated"]},
         "scheme": {"type": ["string", "null"]},
         "layout": {"type": ["string", "null"]},
         "bytes": {"type": "integer", "minimum": 0},

@@ -43,6 +43,7 @@ class ExecuTorchSession:
         self.scheme, self.layout = meta["scheme"], meta["layout"]
         self.vocab_size, self.max_seq_len = md["get_vocab_size"], md["get_max_seq_len"]
         self.hidden_size = json.loads((folder / "config.json").read_text())["dim"]
+        self.max_rows = et.get("probe_rows", {"embed": self.vocab_size, "unembed": self.vocab_size})
 
     def _run(self, method: str, *inputs: torch.Tensor) -> np.ndarray:
         return self.methods[method].execute(list(inputs))[0].numpy()
@@ -58,8 +59,8 @@ class ExecuTorchSession:
         return self.prefill(np.array([token]), pos)[0]
 
     def _rows(self, method: str, x: torch.Tensor) -> np.ndarray:
-        # the methods take 1..V rows per call (export bounds): chunk larger requests
-        return np.concatenate([self._run(method, c) for c in torch.split(x, self.vocab_size)])
+        # the methods take 1..max_rows rows per call (export bounds): chunk larger requests
+        return np.concatenate([self._run(method, c) for c in torch.split(x, self.max_rows[method])])
 
     def embed(self, tokens):
         return self._rows("embed", torch.as_tensor(np.asarray(tokens), dtype=torch.long).reshape(-1))

@@ -63,12 +63,12 @@ _F64_CACHE: dict[int, Transformer] = {}
 
 
 def _f64(model: Transformer) -> Transformer:
-    import copy
+    from pit_export.fold import float64_interface
 
     key = id(model)
     if key not in _F64_CACHE:
         _F64_CACHE.clear()
-        _F64_CACHE[key] = copy.deepcopy(model).double()
+        _F64_CACHE[key] = float64_interface(model)
     return _F64_CACHE[key]
 
 

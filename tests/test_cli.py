@@ -36,6 +36,7 @@ def test_inspect_json():
     # W_out E = T (Z^T Z) T^-1 = I + T (Z^T Z - I) T^-1: exact up to the stored Z's orthonormality, amplified by cond(T)
     d = info["config"]["dim"]
     assert info["delta_TI_max"] <= info["cond_T"] * d * info["ortho_err_max"] + 1e-12
+    assert info["interface"]["cosine_lstsq"]["min"] > 0.999  # PIT: E T^2 = W exactly
 
 
 def _corrupt(tmp_path, edit):

@@ -31,6 +31,13 @@ from pit_export.quantize import Scheme
 
 PTE, DATA_TAG = "model.pte", "model"  # weights file: DATA_TAG.ptd
 METHODS = ("forward", "embed", "unembed")
+# Rows per unembed call: its output (rows x V) is memory-planned at the bound, so V rows would plan a V x V buffer
+# (9.7 GB at V = 49152). The session chunks larger requests.
+UNEMBED_ROWS = 512
+
+
+def probe_rows(cfg) -> dict[str, int]:
+    return {"embed": cfg.vocab_size, "unembed": min(cfg.vocab_size, UNEMBED_ROWS)}
 
 
 class EtDecoder(Decoder):
@@ -109,16 +116,18 @@ def metadata(cfg) -> dict:
 
 def export_programs(dec: Decoder) -> dict:
     """torch.export of the three methods. Bounds are explicit: the mask is [n, max_seq_len] (no slicing by n), so
-    the full context 1..max_seq_len survives as a dynamic range; embed/unembed take up to V rows per call."""
+    the full context 1..max_seq_len survives as a dynamic range; embed/unembed take up to probe_rows() per call."""
     cfg = dec.cfg
-    seq, rows = Dim("seq", min=1, max=cfg.max_seq_len), Dim("rows", min=1, max=cfg.vocab_size)
+    bounds = probe_rows(cfg)
+    seq, rows = Dim("seq", min=1, max=cfg.max_seq_len), Dim("rows", min=1, max=bounds["embed"])
+    hrows = Dim("hrows", min=1, max=bounds["unembed"])
     ex = torch.arange(2)
     with torch.no_grad():
         progs = {
             "forward": torch_export(dec, (ex[None], ex), dynamic_shapes=({1: seq}, {0: seq}), strict=False),
             "embed": torch_export(_Embed(dec), (ex,), dynamic_shapes=({0: rows},), strict=False),
             "unembed": torch_export(
-                _Unembed(dec), (torch.zeros(2, cfg.dim),), dynamic_shapes=({0: rows},), strict=False
+                _Unembed(dec), (torch.zeros(2, cfg.dim),), dynamic_shapes=({0: hrows},), strict=False
             ),
         }
     dec.reset_cache()  # tracing ran the cache writes eagerly
@@ -160,7 +169,8 @@ def export(fw: FoldedWeights, scheme: Scheme, out: Path, ckpt, progress) -> dict
     meta = metadata(fw.cfg)
     external = fw.layout != "untied"  # the only way ExecuTorch keeps one copy of a shared table
     program = lower(programs, meta, external)
-    (Path(out) / PTE).write_bytes(program.buffer)
+    with open(Path(out) / PTE, "wb") as f:  # streams the program's segments: .buffer would join them into one copy
+        program.write_to_file(f)
     if external:
         program.write_tensor_data_to_file(str(out))
     t2 = time.perf_counter()
@@ -170,6 +180,7 @@ def export(fw: FoldedWeights, scheme: Scheme, out: Path, ckpt, progress) -> dict
             "program": PTE,
             "data": f"{DATA_TAG}.ptd" if external else None,
             "methods": list(METHODS),
+            "probe_rows": probe_rows(fw.cfg),
             "metadata": meta,
             "needs_quantized_kernels": scheme.embedding_bits is not None,
             "export_seconds": round(t1 - t0, 2),

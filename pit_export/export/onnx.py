@@ -352,18 +352,23 @@ def to_ort_format(src: Path, dst: Path) -> None:
 
 
 _GRAPHS: dict[str, bytes] = {}  # folded-weights digest -> canonical fp32 graph: one trace serves every scheme
+# Only small models are cached (tests, benchmarks exporting every scheme): a large model's serialized copy would add a
+# whole model to the export's peak memory.
+CACHE_MAX_BYTES = 256 * 2**20
 
 
 def fp32_graph(fw: FoldedWeights) -> onnx.ModelProto:
-    h = hashlib.sha256(f"{fw.layout}{fw.cfg.to_json()}".encode())
-    for k in sorted(fw.tensors):
-        h.update(k.encode() + fw.tensors[k].numpy().tobytes())
-    key = h.hexdigest()
-    if key in _GRAPHS:
-        return onnx.load_from_string(_GRAPHS[key])  # a copy: quantization edits it
+    cacheable = sum(v.numel() * v.element_size() for v in fw.tensors.values()) <= CACHE_MAX_BYTES
+    if cacheable:
+        h = hashlib.sha256(f"{fw.layout}{fw.cfg.to_json()}".encode())
+        for k in sorted(fw.tensors):
+            h.update(k.encode() + fw.tensors[k].numpy().tobytes())
+        key = h.hexdigest()
+        if key in _GRAPHS:
+            return onnx.load_from_string(_GRAPHS[key])  # a copy: quantization edits it
     model = export_fp32(Decoder(fw))
     canonicalize(model, fw.layout)
-    if model.ByteSize() < 2**30:  # protobuf cannot serialize >= 2 GiB in one piece; big models are traced each time
+    if cacheable:
         if len(_GRAPHS) >= 4:
             _GRAPHS.pop(next(iter(_GRAPHS)))
         _GRAPHS[key] = model.SerializeToString()

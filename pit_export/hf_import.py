@@ -1,0 +1,349 @@
+"""Import a local Hugging Face Llama-family checkpoint (config.json + safetensors + tokenizer.json) as a PIT model.
+
+Reads the folder directly (no transformers): tensors one at a time through safetensors' memory map, cast to fp32.
+The teacher runs in the PIT training graph with tying tied|untied; its weight layout is HF's as is (q/k projections
+in the rotate-half RoPE order the training graph uses), so no permutation is needed.
+
+PIT from a teacher, by the thin polar decomposition of a table A = U H (U orthonormal V x d, H SPD d x d):
+    Z = U,  T = L L^T chosen by --init:
+      identity   T = I                       A = E0 + W0 (Procrustes: Z = argmin |Z - E0|^2 + |Z - W0|^2)
+      input      T = H^-1, so Z T^-1 = U H = E0 exactly            A = E0
+      output     T = H,    so T Z^T = H U^T = W0^T exactly          A = W0
+where E0 is the teacher's input table and W0 its output table (W0 = E0 when tied: then input and output share Z and
+differ only in T). The final RMSNorm gain stays the model's norm weight, so "output" reproduces the teacher's head on
+the normed hidden state, gain included. For an untied teacher each of the three is the least-squares optimum of its
+objective over (Z orthonormal, T SPD): the preserved side is matched with zero residual; identity fits both.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from tokenizers import Tokenizer
+
+from pit_export.errors import BadInput
+from pit_export.fold import vocab_chunks
+from pit_export.models.checkpoint import TOKENIZER, save_checkpoint
+from pit_export.models.pit import ModelConfig, Transformer
+
+INITS = ("identity", "input", "output")
+ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
+BIASED = ("Qwen2ForCausalLM",)  # q/k/v biases: the PIT training graph has none
+HF_CONFIG, HF_INDEX = "config.json", "model.safetensors.index.json"
+POS_CHUNK = 8  # positions per float64 log-softmax: small, equal-sized temporaries the allocator reuses
+
+
+@dataclass
+class ImportReport:
+    source: str
+    init: str
+    tying: str  # the teacher's
+    cond_T: float
+    cond_table: float  # cond(A) of the polar-decomposed table
+    ortho_err_max: float
+    kl_mean: float  # KL(teacher || PIT) per position on held-out text, nats
+    kl_p99: float
+    top1: float
+    ppl_teacher: float
+    ppl_pit: float
+    positions: int
+
+
+# ---------------------------------------------------------------- config
+
+
+def _first(x):
+    return x[0] if isinstance(x, list) else x
+
+
+def _rope(hf: dict) -> tuple[float, str]:
+    """(theta, type) from either the v4 keys (rope_theta, rope_scaling) or the v5 rope_parameters."""
+    params = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling") or {}
+    theta = hf.get("rope_theta", params.get("rope_theta", 10000.0))
+    kind = scaling.get("rope_type", scaling.get("type")) or params.get("rope_type") or "default"
+    return float(theta), kind
+
+
+def teacher_config(hf: dict, max_seq_len: int) -> ModelConfig:
+    """The training-graph config of an HF config dict; BadInput for what the graph cannot represent."""
+    arch = _first(hf.get("architectures") or [None])
+    if arch in BIASED or hf.get("attention_bias") or hf.get("mlp_bias"):
+        raise BadInput(f"{arch or hf.get('model_type')}: attention/MLP biases are not supported by the PIT graph")
+    if arch not in ARCHITECTURES:
+        raise BadInput(f"unsupported architecture {arch!r} (supported: {', '.join(ARCHITECTURES)})")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise BadInput(f"unsupported hidden_act {hf['hidden_act']!r} (SwiGLU needs silu)")
+    theta, kind = _rope(hf)
+    if kind != "default":
+        raise BadInput(f"RoPE scaling {kind!r} is not supported (plain RoPE only)")
+    if hf.get("sliding_window") and hf.get("use_sliding_window", True) and hf["sliding_window"] < max_seq_len:
+        raise BadInput(f"sliding-window attention ({hf['sliding_window']}) is shorter than --max-seq-len")
+    try:
+        dim, heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
+        cfg = ModelConfig(
+            vocab_size=int(hf["vocab_size"]),
+            dim=dim,
+            n_layers=int(hf["num_hidden_layers"]),
+            n_heads=heads,
+            n_kv_heads=int(hf.get("num_key_value_heads") or heads),
+            ffn_dim=int(hf["intermediate_size"]),
+            max_seq_len=min(max_seq_len, int(hf.get("max_position_embeddings", max_seq_len))),
+            rope_theta=theta,
+            norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            tying="tied" if hf.get("tie_word_embeddings", False) else "untied",
+            bos_id=int(_first(hf["bos_token_id"])),
+            eos_id=int(_first(hf["eos_token_id"])),
+        )
+    except KeyError as e:
+        raise BadInput(f"config.json has no {e.args[0]}") from None
+    except (TypeError, ValueError) as e:
+        raise BadInput(f"config.json: {e}") from None
+    if hf.get("head_dim") not in (None, cfg.head_dim):
+        raise BadInput(f"head_dim={hf['head_dim']} differs from hidden_size/num_attention_heads={cfg.head_dim}")
+    try:
+        cfg.validate()
+    except ValueError as e:
+        raise BadInput(f"config.json: {e}") from None
+    return cfg
+
+
+def tensor_names(cfg: ModelConfig) -> dict[str, str]:
+    """Training-graph tensor name -> HF tensor name (the teacher's checkpoint state)."""
+    names = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight"}
+    if cfg.tying == "untied":
+        names["output.weight"] = "lm_head.weight"
+    per_layer = {
+        "attention.wq": "self_attn.q_proj",
+        "attention.wk": "self_attn.k_proj",
+        "attention.wv": "self_attn.v_proj",
+        "attention.wo": "self_attn.o_proj",
+        "feed_forward.w1": "mlp.gate_proj",
+        "feed_forward.w3": "mlp.up_proj",
+        "feed_forward.w2": "mlp.down_proj",
+        "attention_norm": "input_layernorm",
+        "ffn_norm": "post_attention_layernorm",
+    }
+    for i in range(cfg.n_layers):
+        for ours, theirs in per_layer.items():
+            names[f"layers.{i}.{ours}.weight"] = f"model.layers.{i}.{theirs}.weight"
+    return names
+
+
+# ---------------------------------------------------------------- reading the folder
+
+
+def _weight_files(src: Path) -> dict[str, Path]:
+    """HF tensor name -> safetensors file holding it (single file or sharded with an index)."""
+    if (src / HF_INDEX).is_file():
+        try:
+            index = json.loads((src / HF_INDEX).read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise BadInput(f"{src / HF_INDEX}: unreadable index ({e})") from None
+        return {name: src / f for name, f in index.items()}
+    files = sorted(src.glob("*.safetensors"))
+    if not files:
+        if any(src.glob("*.bin")) or any(src.glob("*.pt")):
+            raise BadInput(
+                f"{src}: only pickle weights (*.bin/*.pt) found; they are never loaded, convert to safetensors"
+            )
+        raise BadInput(f"{src}: no *.safetensors weights")
+    out = {}
+    for f in files:
+        for name in _open(f).keys():
+            out[name] = f
+    return out
+
+
+def _open(f: Path):
+    try:
+        return safe_open(str(f), framework="pt")
+    except Exception as e:  # SafetensorError is not an OSError
+        raise BadInput(f"{f}: unreadable safetensors ({str(e).splitlines()[0]})") from None
+
+
+def read_tensors(src: Path, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """The teacher's tensors under training-graph names, fp32, one tensor in memory at a time beyond the result."""
+    shapes = _teacher_shapes(cfg)
+    where = _weight_files(src)
+    handles: dict[Path, object] = {}
+    out = {}
+    for ours, theirs in tensor_names(cfg).items():
+        if theirs not in where:
+            raise BadInput(f"{src}: tensor {theirs} missing")
+        f = where[theirs]
+        h = handles.get(f) or handles.setdefault(f, _open(f))
+        t = h.get_tensor(theirs)
+        if tuple(t.shape) != shapes[ours]:
+            raise BadInput(f"tensor {theirs} has shape {list(t.shape)}, config implies {list(shapes[ours])}")
+        if not t.is_floating_point():
+            raise BadInput(f"tensor {theirs} has dtype {t.dtype}, expected a float dtype")
+        t = t.float()
+        bad = (~torch.isfinite(t)).sum().item()
+        if bad:
+            raise BadInput(f"tensor {theirs} has {bad} non-finite values")
+        out[ours] = t
+    return out
+
+
+def _teacher_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    with torch.device("meta"):
+        m = Transformer(cfg)
+    return {k: tuple(v.shape) for k, v in m.state_dict().items()}
+
+
+def read_tokenizer(src: Path, cfg: ModelConfig) -> Tokenizer:
+    if not (src / TOKENIZER).is_file():
+        raise BadInput(f"{src}: {TOKENIZER} missing")
+    try:
+        tok = Tokenizer.from_file(str(src / TOKENIZER))
+    except Exception as e:  # tokenizers raises plain Exception subclasses
+        raise BadInput(f"{src / TOKENIZER}: unreadable tokenizer ({str(e).splitlines()[0]})") from None
+    if tok.get_vocab_size() != cfg.vocab_size:
+        raise BadInput(f"tokenizer has {tok.get_vocab_size()} tokens, config vocab_size={cfg.vocab_size}")
+    return tok
+
+
+def read_config(src: Path, max_seq_len: int) -> ModelConfig:
+    if not src.is_dir():
+        raise BadInput(f"{src}: not a folder")
+    if not (src / HF_CONFIG).is_file():
+        raise BadInput(f"{src}: {HF_CONFIG} missing")
+    try:
+        hf = json.loads((src / HF_CONFIG).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BadInput(f"{src / HF_CONFIG}: {e}") from None
+    return teacher_config(hf, max_seq_len)
+
+
+# ---------------------------------------------------------------- models from tensors (shared, no copies)
+
+
+def polar_rows(rows, V: int, d: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin polar decomposition A = U H of a V x d table given by row chunks rows(slice), in float64 chunks:
+    H^2 = A^T A = Q diag(s^2) Q^T (a d x d Gram accumulated over chunks), U = A Q diag(1/s) Q^T, stored fp32.
+    Returns (U fp32, singular values s, Q). No V x d float64 table, no SVD workspace: memory stays at the fp32 U.
+    Squaring the condition number costs float64 accuracy ~cond(A)^2 * 1e-16, far below fp32 storage for any usable
+    table; the rank check refuses tables where it would not be."""
+    chunks = vocab_chunks(V)
+    G = torch.zeros(d, d, dtype=torch.float64)
+    for c in chunks:
+        a = rows(c).double()
+        G += a.T @ a
+    w, Q = torch.linalg.eigh(G)
+    if w.min() <= w.max() * 1e-12:  # cond(A) >= 1e6: not an embedding table PIT can tie through
+        raise BadInput(
+            f"embedding table is (nearly) rank-deficient: singular values {w.min().sqrt():.3g} .. {w.max().sqrt():.3g}"
+        )
+    s = w.sqrt()
+    h_inv = (Q / s) @ Q.T
+    return torch.cat([(rows(c).double() @ h_inv).float() for c in chunks]), s, Q
+
+
+def pit_state(cfg: ModelConfig, teacher: dict[str, torch.Tensor], init: str) -> tuple[dict, dict]:
+    """PIT checkpoint tensors from the teacher's tensors, and stats of the decomposition.
+
+    The body and final norm are the teacher's tensors themselves; only Z and L are new."""
+    if init not in INITS:
+        raise BadInput(f"--init must be one of {INITS}, got {init!r}")
+    E0 = teacher["tok_embeddings.weight"]
+    W0 = teacher.get("output.weight", E0)
+    rows = {"identity": lambda c: E0[c].double() + W0[c].double(), "input": lambda c: E0[c], "output": lambda c: W0[c]}
+    Z, s, Q = polar_rows(rows[init], cfg.vocab_size, cfg.dim)
+    if init == "identity":
+        T = torch.eye(cfg.dim, dtype=torch.float64)
+    else:  # H = Q diag(s) Q^T. input: T = H^-1 so Z T^-1 = Z H = E0; output: T = H so T Z^T = H Z^T = W0^T
+        T = (Q * (s if init == "output" else 1.0 / s)) @ Q.T
+    L = torch.linalg.cholesky((T + T.T) / 2)
+    state = {k: v for k, v in teacher.items() if k not in ("tok_embeddings.weight", "output.weight")}
+    state["pit.z"], state["pit.l"] = Z, L.float()
+    ev = torch.linalg.eigvalsh(T)
+    stats = {"cond_T": (ev.max() / ev.min()).item(), "cond_table": (s.max() / s.min()).item()}
+    return state, stats
+
+
+def pit_config(cfg: ModelConfig) -> ModelConfig:
+    return ModelConfig(**{**asdict(cfg), "tying": "pit", "train_z": False})
+
+
+# ---------------------------------------------------------------- teacher vs PIT
+
+
+@torch.no_grad()
+def compare(teacher: Transformer, student: Transformer, windows: torch.Tensor) -> dict[str, float]:
+    """KL(teacher || student) per position (mean, p99), top-1 agreement and both perplexities. One window at a time,
+    float64 in chunks of positions: at V = 49152 a window's float64 log-probabilities alone are 100 MB each."""
+    # results preallocated: small tensors appended between the large temporaries fragment the heap (measured)
+    kl, top1, nll_t, nll_s = (torch.empty(windows.shape[0], windows.shape[1] - 1, dtype=torch.float64) for _ in "1234")
+    for i, w in enumerate(windows):
+        logits_t, logits_s = teacher(w[None, :-1])[0], student(w[None, :-1])[0]
+        for r in range(0, len(w) - 1, POS_CHUNK):
+            lt = F.log_softmax(logits_t[r : r + POS_CHUNK].double(), -1)
+            ls = F.log_softmax(logits_s[r : r + POS_CHUNK].double(), -1)
+            rows, nxt = slice(r, r + len(lt)), w[1:][r : r + POS_CHUNK, None]
+            kl[i, rows] = (lt.exp() * (lt - ls)).sum(-1)
+            top1[i, rows] = (lt.argmax(-1) == ls.argmax(-1)).double()
+            nll_t[i, rows] = -lt.gather(-1, nxt)[:, 0]
+            nll_s[i, rows] = -ls.gather(-1, nxt)[:, 0]
+        del logits_t, logits_s
+    kl = kl.flatten()
+    return {
+        "kl_mean": kl.mean().item(),
+        "kl_p99": torch.quantile(kl, 0.99).item(),
+        "top1": top1.mean().item(),
+        "ppl_teacher": math.exp(nll_t.mean().item()),
+        "ppl_pit": math.exp(nll_s.mean().item()),
+        "positions": kl.numel(),
+    }
+
+
+def heldout(tok: Tokenizer, cfg: ModelConfig, n_windows: int) -> torch.Tensor:
+    """n_windows held-out windows spread over the split (as validation picks them), [n, max_seq_len]."""
+    from pit_export.models.train import heldout_windows
+
+    w = heldout_windows(tok, cfg)
+    if len(w) == 0:
+        raise BadInput(f"the held-out text gives no window of {cfg.max_seq_len} tokens; lower --max-seq-len")
+    pick = torch.linspace(0, len(w) - 1, min(n_windows, len(w))).round().long()
+    return w[pick]
+
+
+# ---------------------------------------------------------------- the command
+
+
+def import_hf(
+    src: Path,
+    out: Path,
+    init: str = "output",
+    max_seq_len: int = 512,
+    n_windows: int = 4,
+    progress=print,
+    force: bool = False,
+) -> ImportReport:
+    src = Path(src)
+    cfg = read_config(src, max_seq_len)
+    tok = read_tokenizer(src, cfg)
+    progress(f"reading {cfg.tying} teacher: {cfg.n_layers} layers, {cfg.vocab_size} x {cfg.dim}")
+    tensors = read_tensors(src, cfg)
+    progress(f"polar decomposition ({init})")
+    state, stats = pit_state(cfg, tensors, init)
+    teacher, pit = (
+        Transformer.from_checkpoint_state(cfg, tensors),
+        Transformer.from_checkpoint_state(pit_config(cfg), state),
+    )
+    del tensors, state
+    from pit_export.models.checkpoint import orthonormality_error
+
+    ortho = orthonormality_error(pit.pit.z)
+    progress("teacher vs PIT on held-out text")
+    cmp = compare(teacher, pit, heldout(tok, cfg, n_windows))
+    report = ImportReport(str(src), init, cfg.tying, ortho_err_max=ortho, **stats, **cmp)
+    del teacher
+    save_checkpoint(out, pit, tok, {"import_report.json": json.dumps(asdict(report), indent=2)}, force=force)
+    return report

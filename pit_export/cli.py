@@ -27,8 +27,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Fold, quantize, export and validate Pseudo-Inverse-Tied (PIT) language models for phones.",
 )
-out = Console(soft_wrap=True)
-err = Console(stderr=True, soft_wrap=True)
+# piped into logs or CI, rich would assume 80 columns and squeeze the tables; a terminal keeps its own width
+out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
+err = Console(stderr=True, soft_wrap=True, width=None if sys.stderr.isatty() else 200)
 STATE = {"debug": False}
 
 CkptArg = Annotated[Path, typer.Argument(help="Checkpoint folder (config.json, model.safetensors, tokenizer.json).")]

@@ -104,6 +104,19 @@ def check_tensors(cfg: ModelConfig, tensors: dict[str, torch.Tensor]) -> float |
     return err
 
 
+def read_tokenizer(folder: Path, vocab_size: int) -> Tokenizer:
+    """folder/tokenizer.json, which must have exactly vocab_size tokens."""
+    if not (folder / TOKENIZER).is_file():
+        raise CheckpointError(f"{folder}: {TOKENIZER} missing")
+    try:
+        tok = Tokenizer.from_file(str(folder / TOKENIZER))
+    except Exception as e:  # tokenizers raises plain Exception subclasses
+        raise CheckpointError(f"{folder / TOKENIZER}: unreadable tokenizer ({str(e).splitlines()[0]})") from None
+    if tok.get_vocab_size() != vocab_size:
+        raise CheckpointError(f"tokenizer has {tok.get_vocab_size()} tokens, config vocab_size={vocab_size}")
+    return tok
+
+
 def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     path = Path(path)
     if not path.is_dir():
@@ -124,12 +137,7 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
             raise CheckpointError(f"tensor {name} has dtype {t.dtype}, expected a float dtype")
     tensors = {k: v.float() for k, v in tensors.items()}
     ortho = check_tensors(cfg, tensors)
-    try:
-        tok = Tokenizer.from_file(str(path / TOKENIZER))
-    except Exception as e:  # tokenizers raises plain Exception subclasses
-        raise CheckpointError(f"{path / TOKENIZER}: unreadable tokenizer ({str(e).splitlines()[0]})") from None
-    if tok.get_vocab_size() != cfg.vocab_size:
-        raise CheckpointError(f"tokenizer has {tok.get_vocab_size()} tokens, config vocab_size={cfg.vocab_size}")
+    tok = read_tokenizer(path, cfg.vocab_size)
     if (path / CHECKSUM).is_file():
         want = (path / CHECKSUM).read_text().split()[0] if (path / CHECKSUM).read_text().strip() else ""
         if file_sha256(path / WEIGHTS) != want:

@@ -29,7 +29,8 @@ from tokenizers import Tokenizer
 
 from pit_export.errors import BadInput
 from pit_export.fold import vocab_chunks
-from pit_export.models.checkpoint import TOKENIZER, save_checkpoint
+from pit_export.models import checkpoint
+from pit_export.models.checkpoint import CheckpointError, save_checkpoint
 from pit_export.models.pit import ModelConfig, Transformer
 
 INITS = ("identity", "input", "output")
@@ -199,15 +200,10 @@ def _teacher_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 
 def read_tokenizer(src: Path, cfg: ModelConfig) -> Tokenizer:
-    if not (src / TOKENIZER).is_file():
-        raise BadInput(f"{src}: {TOKENIZER} missing")
     try:
-        tok = Tokenizer.from_file(str(src / TOKENIZER))
-    except Exception as e:  # tokenizers raises plain Exception subclasses
-        raise BadInput(f"{src / TOKENIZER}: unreadable tokenizer ({str(e).splitlines()[0]})") from None
-    if tok.get_vocab_size() != cfg.vocab_size:
-        raise BadInput(f"tokenizer has {tok.get_vocab_size()} tokens, config vocab_size={cfg.vocab_size}")
-    return tok
+        return checkpoint.read_tokenizer(src, cfg.vocab_size)
+    except CheckpointError as e:  # the teacher folder is bad input like any other
+        raise BadInput(str(e)) from None
 
 
 def read_config(src: Path, max_seq_len: int) -> ModelConfig:

@@ -108,20 +108,18 @@ def _artifact_json(a) -> dict:
     }
 
 
-def report_json(result) -> dict:
-    from pit_export.export import tool_versions
-    from pit_export.pipeline import manifest
-
+def report_json(result, manifest: dict) -> dict:
+    """`manifest`: the run's manifest.json (pipeline.manifest): its checkpoint hash and tool versions are reused."""
     ck = result.checkpoint
     return {
         "version": 1,
         "passed": not result.failed,
         "checkpoint": {
             "path": str(ck.path),
-            "sha256": manifest(result)["checkpoint"]["files"]["model.safetensors"]["sha256"],
+            "sha256": manifest["checkpoint"]["files"]["model.safetensors"]["sha256"],
             "config": ck.config.__dict__,
         },
-        "tools": tool_versions(),
+        "tools": manifest["tools"],
         "artifacts": [_artifact_json(a) for a in result.artifacts],
         "baseline": [_artifact_json(a) for a in result.baseline],
         "plots": PLOTS,
@@ -303,8 +301,9 @@ def write(result, root: Path) -> dict:
     from pit_export.pipeline import manifest
 
     root = Path(root)
-    (root / "manifest.json").write_text(json.dumps(manifest(result), indent=2, default=float))
-    rep = report_json(result)
+    man = manifest(result)
+    (root / "manifest.json").write_text(json.dumps(man, indent=2, default=float))
+    rep = report_json(result, man)
     (root / "report.json").write_text(json.dumps(rep, indent=2, default=float))
     plots(result, root)
     (root / "report.md").write_text(report_md(result, rep))

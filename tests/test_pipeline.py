@@ -100,38 +100,3 @@ def test_damaged_artifact_fails_gate_exit_3(onnx_run, tmp_path):
     p = run("validate", DEFAULT_MODEL, "--artifact", bad, *FAST)
     assert p.returncode == 3, p.stderr
     assert "gate failed" in p.stderr and "ppl_ratio" in p.stderr and "Traceback" not in p.stderr
-
-
-@pytest.mark.parametrize(
-    "spec",
-    [
-        "{not json",
-        '["int4"]',
-        '{"int5": {"ppl_ratio": ["<=", 1.02]}}',
-        '{"int4": {"perplexity": ["<=", 1.02]}}',
-        '{"int4": {"ppl_ratio": ["<", 1.02]}}',
-        '{"int4": {"ppl_ratio": ["<=", "1.02"]}}',
-        '{"int4": {"ppl_ratio": 1.02}}',
-    ],
-)
-def test_bad_gate_file_exit_2(tmp_path, spec):
-    f = tmp_path / "gates.json"
-    f.write_text(spec)
-    p = run("export", DEFAULT_MODEL, "--target", "onnx-cpu", "--out", tmp_path / "o", "--gates", f)
-    assert p.returncode == 2 and "gate file" in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
-    assert not (tmp_path / "o").exists()
-
-
-def test_existing_output_needs_force(tmp_path):
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("mine")
-    p = run("export", DEFAULT_MODEL, "--target", "onnx-cpu", "--out", out)
-    assert p.returncode == 5 and "--force" in p.stderr
-    assert (out / "keep.txt").read_text() == "mine"
-
-
-def test_unknown_target_exit_2(tmp_path):
-    p = run("export", DEFAULT_MODEL, "--target", "windows-phone", "--out", tmp_path / "o")
-    assert p.returncode == 2 and "unknown target" in p.stderr
-    assert not (tmp_path / "o").exists()

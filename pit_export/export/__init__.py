@@ -11,7 +11,6 @@ The matching Session lives in `pit_export.runtimes.<module>` and is registered u
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import importlib.util
 import json
@@ -22,7 +21,7 @@ from pathlib import Path
 
 from pit_export.errors import BadInput, Unavailable
 from pit_export.fold import fold
-from pit_export.models.checkpoint import CONFIG, TOKENIZER, Checkpoint, atomic_dir
+from pit_export.models.checkpoint import CONFIG, TOKENIZER, WEIGHTS, Checkpoint, atomic_dir, file_sha256
 from pit_export.quantize import get_scheme
 
 META = "pit_export.json"
@@ -87,11 +86,7 @@ def tool_versions() -> dict[str, str]:
 def file_manifest(folder: Path) -> dict[str, dict]:
     files = {}
     for f in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != META):
-        h = hashlib.sha256()
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-        files[f.relative_to(folder).as_posix()] = {"bytes": f.stat().st_size, "sha256": h.hexdigest()}
+        files[f.relative_to(folder).as_posix()] = {"bytes": f.stat().st_size, "sha256": file_sha256(f)}
     return files
 
 
@@ -137,7 +132,7 @@ def export_artifact(
                 "scheme": sch.name,
                 "layout": layout,
                 "embedding_bits": sch.embedding_bits,
-                "source": {"path": str(ckpt.path), "sha256": _sha(ckpt.path / "model.safetensors")},
+                "source": {"path": str(ckpt.path), "sha256": file_sha256(ckpt.path / WEIGHTS)},
                 "fold_report": asdict(fold_report),
                 "tools": tool_versions(),
                 **extra,
@@ -151,7 +146,3 @@ def export_artifact(
 
     atomic_dir(out, write)
     return manifest
-
-
-def _sha(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()

@@ -199,7 +199,7 @@ def validate(
     else:
         names = layouts_for(c.config.tying) if layout == "all" else tuple(layout.split(","))
         targets = [(f"fold {n}", lambda n=n: FoldedSession(fold(c, n)[0], threads)) for n in names]
-    results = _validate_sessions(c, targets, scheme, n_windows, n_greedy, threads, json_out, table)
+    results = _validate_sessions(c, targets, scheme, n_windows, n_greedy, threads, json_out, table, bool(artifact))
     _emit(
         {"checkpoint": str(ckpt), "results": [r.to_dict() for r in results], "passed": all(r.passed for r in results)},
         json_out,
@@ -209,17 +209,28 @@ def validate(
         raise e
 
 
-def _validate_sessions(ckpt, openers, scheme, n_windows, n_greedy, threads, json_out, gate_table=None):
-    """Validate each (label, opener) against the training graph; prints tables, returns results."""
+def _validate_sessions(ckpt, openers, scheme, n_windows, n_greedy, threads, json_out, gate_table=None, release=False):
+    """Validate each (label, opener) against the training graph; prints tables, returns results.
+
+    The reference is recorded once, before any artifact is opened; with `release` the checkpoint's model is dropped
+    then (only its float64 embed/unembed tables stay), so the reference and an artifact are never in memory
+    together."""
+    import gc
+
     from pit_export.pipeline import heldout
     from pit_export.runtimes.pytorch import ReferenceSession
-    from pit_export.validate import ValidateConfig, gates_for
+    from pit_export.validate import Reference, ValidateConfig, gates_for
     from pit_export.validate import validate as run_validate
 
-    ref = ReferenceSession(ckpt.model, threads)
-    held = heldout(ckpt)
+    cfg = ValidateConfig(n_windows=n_windows, n_greedy=n_greedy)
     results = []
     with progress(not json_out) as p:
+        task = p.add_task("reference", total=None)
+        ref = Reference(ReferenceSession(ckpt.model, threads), heldout(ckpt), cfg, ckpt.config.max_seq_len)
+        p.remove_task(task)
+        if release:
+            ckpt.model = None
+            gc.collect()
         for label, opener in openers:
             task = p.add_task(label, total=None)
             sess = opener()
@@ -227,9 +238,8 @@ def _validate_sessions(ckpt, openers, scheme, n_windows, n_greedy, threads, json
             res = run_validate(
                 ref,
                 sess,
-                held,
-                sch,
-                ValidateConfig(n_windows=n_windows, n_greedy=n_greedy),
+                scheme=sch,
+                cfg=cfg,
                 gates=gates_for(sch, gate_table),
                 progress=lambda m, task=task, label=label: p.update(task, description=f"{label}: {m}"),
             )
@@ -238,6 +248,7 @@ def _validate_sessions(ckpt, openers, scheme, n_windows, n_greedy, threads, json
             results.append(res)
             if not json_out:
                 out.print(_result_table(res))
+    ref.close()
     return results
 
 

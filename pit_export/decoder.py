@@ -33,6 +33,20 @@ class FoldedWeights:
     meta: dict = field(default_factory=dict)
 
 
+def grouped_attention(q, keys, values, mask, rep: int):
+    """Grouped-query attention without repeating the cache; returns the heads concatenated, [b, s, H * hd].
+
+    q [b, H, s, hd]; keys, values [b, H / rep, S, hd]; mask [s, S] (bool, True = attend) or [b, 1, s, S] (additive).
+    Query head h = g * rep + r reads KV head g, so each group's queries are stacked along the sequence axis (row
+    i * rep + r) and attend to their one KV head: the cache is read in place instead of being copied rep times per
+    layer and token. Stacked as (position, head) rather than (head, position): the latter's reshape guards on the
+    dynamic length in a form torch.export cannot prove. No sizes are read from tensors (traced exporters keep them
+    symbolic)."""
+    q = q.unflatten(1, (-1, rep)).transpose(2, 3).flatten(2, 3)  # [b, H / rep, s * rep, hd]
+    y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask.repeat_interleave(rep, dim=-2))
+    return y.unflatten(2, (-1, rep)).permute(0, 2, 1, 3, 4).flatten(2)
+
+
 class CachedAttention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -52,11 +66,7 @@ class CachedAttention(nn.Module):
         k = apply_rope(self.wk(x).view(b, s, self.n_kv, self.hd).transpose(1, 2), cos, sin)
         v = self.wv(x).view(b, s, self.n_kv, self.hd).transpose(1, 2)
         keys, values = self.write_cache(input_pos, k, v)
-        rep = self.n_heads // self.n_kv
-        y = F.scaled_dot_product_attention(
-            q, keys.repeat_interleave(rep, dim=1), values.repeat_interleave(rep, dim=1), attn_mask=mask
-        )
-        return self.wo(y.transpose(1, 2).reshape(b, s, -1))
+        return self.wo(grouped_attention(q, keys, values, mask, self.n_heads // self.n_kv))
 
     def write_cache(self, input_pos, k, v) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v at input_pos; returns the keys and values to attend to (the whole static cache)."""

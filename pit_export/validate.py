@@ -11,6 +11,7 @@ Gates are data: a scheme name maps to {metric: (op, threshold)}.
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
@@ -50,7 +51,7 @@ class ValidateConfig:
     window_len: int | None = None  # default: the model's max_seq_len
     n_greedy: int = 64
     prompt_len: int = 32
-    round_trip_chunk: int = 512
+    round_trip_chunk: int = 128  # tokens per round-trip call: its [chunk, V] float64 pair is 100 MB at V = 49152
 
 
 @dataclass
@@ -97,8 +98,12 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
 ABS_BINS = np.concatenate([[0.0], np.logspace(-12, 3, 61)])
 
 
+LOGIT_ROWS = 16  # positions scored at a time
+
+
 def logits_metrics(ref: np.ndarray, art: np.ndarray, targets: np.ndarray) -> dict[str, np.ndarray]:
-    """Per-position arrays for one window: ref/art [n, V] float64, targets [n-1] (next tokens)."""
+    """Per-position arrays for consecutive positions: ref/art [n, V] float64, targets [<= n] (the next tokens; the
+    window's last position has none)."""
     lr, la = log_softmax(ref), log_softmax(art)
     cos = (ref * art).sum(-1) / (np.linalg.norm(ref, axis=-1) * np.linalg.norm(art, axis=-1) + 1e-300)
     idx = np.arange(len(targets))
@@ -112,19 +117,23 @@ def logits_metrics(ref: np.ndarray, art: np.ndarray, targets: np.ndarray) -> dic
     }
 
 
-def compare_logits(ref: Session, art: Session, windows: np.ndarray, details: dict | None = None) -> dict[str, float]:
-    """Logits metrics over the windows; `details` (if given) receives per-position KL [windows, len] and the
-    elementwise |delta| histogram counts over ABS_BINS."""
+def compare_logits(ref: Reference, art: Session, details: dict | None = None) -> dict[str, float]:
+    """Logits metrics over the reference's windows; `details` (if given) receives per-position KL [windows, len]
+    and the elementwise |delta| histogram counts over ABS_BINS."""
     acc: dict[str, list[np.ndarray]] = {}
     hist = np.zeros(len(ABS_BINS) - 1, dtype=np.int64)
-    for w in windows:
-        ref.reset()
+    for i, w in enumerate(ref.windows):
         art.reset()
-        r = ref.prefill(w, 0).astype(np.float64)
-        a = art.prefill(w, 0).astype(np.float64)
-        for k, v in logits_metrics(r, a, w[1:]).items():
-            acc.setdefault(k, []).append(v)
-        hist += np.histogram(np.clip(np.abs(r - a), 0, ABS_BINS[-1]), ABS_BINS)[0]
+        ref_w, art_w = ref.window_logits(i), art.prefill(w, 0)
+        # float64 in slices of positions: a whole window's [n, V] float64 temporaries are GBs at V = 49152
+        rows: dict[str, list[np.ndarray]] = {}
+        for c in range(0, len(w), LOGIT_ROWS):
+            r, a = ref_w[c : c + LOGIT_ROWS].astype(np.float64), art_w[c : c + LOGIT_ROWS].astype(np.float64)
+            for k, v in logits_metrics(r, a, w[c + 1 : c + 1 + LOGIT_ROWS]).items():
+                rows.setdefault(k, []).append(v)
+            hist += np.histogram(np.clip(np.abs(r - a), 0, ABS_BINS[-1]), ABS_BINS)[0]
+        for k, v in rows.items():
+            acc.setdefault(k, []).append(np.concatenate(v))
     m = {k: np.concatenate(v) for k, v in acc.items()}
     if details is not None:
         details["kl_per_position"] = np.stack(acc["kl"])
@@ -144,18 +153,21 @@ def compare_logits(ref: Session, art: Session, windows: np.ndarray, details: dic
     }
 
 
-def greedy_agreement(ref: Session, art: Session, prompt: list[int], n: int) -> dict[str, float]:
-    a, b = greedy_generate(ref, prompt, n), greedy_generate(art, prompt, n)
+def greedy_agreement(ref: Reference, art: Session) -> dict[str, float]:
+    a, b = ref.greedy, greedy_generate(art, ref.greedy_prompt, len(ref.greedy))
     common = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
     return {"greedy_agree": common / max(1, len(a)), "greedy_tokens": len(a), "greedy_first_diff": common}
 
 
-def interface_metrics(ref, art: Session, chunk: int = 512, details: dict | None = None) -> dict[str, float]:
+def interface_metrics(ref: Reference, art: Session, chunk: int = 128, details: dict | None = None) -> dict[str, float]:
     """W_out E vs the reference product and the token round trip, through art's own embed/unembed."""
     d, V = art.hidden_size, art.vocab_size
-    W = art.unembed(np.eye(d, dtype=np.float32)).astype(np.float64)  # d x V
-    E = art.embed(np.arange(V)).astype(np.float64)  # V x d
-    err = W @ E - ref.interface_target()
+    W = art.unembed(np.eye(d, dtype=np.float32))  # d x V
+    WE = np.zeros((d, d))
+    for s in range(0, V, 4096):  # sum over token slices in float64: no V x d float64 copies
+        toks = np.arange(s, min(V, s + 4096))
+        WE += W[:, toks].astype(np.float64) @ art.embed(toks).astype(np.float64)
+    err = WE - ref.interface_target
     rt_max, rt_agree = 0.0, 0
     for s in range(0, V, chunk):
         toks = np.arange(s, min(V, s + chunk))
@@ -235,24 +247,59 @@ def eval_windows(heldout: np.ndarray, cfg: ValidateConfig, max_seq_len: int) -> 
     return np.asarray(heldout[pick, :L], dtype=np.int64)
 
 
+class Reference:
+    """The training graph's side of a validation, recorded once before any artifact is opened: window logits (in a
+    temporary file, read back one window at a time), greedy tokens, the interface targets. Artifacts are then
+    compared without the reference model in memory beside them (`release` keeps only its float64 interface), and
+    several artifacts are compared against one recording."""
+
+    def __init__(self, ref, heldout: np.ndarray, cfg: ValidateConfig, max_seq_len: int):
+        self.windows = eval_windows(heldout, cfg, max_seq_len)
+        self._file = tempfile.TemporaryFile(prefix="pit-reference-")
+        self._shape = (len(self.windows[0]), ref.vocab_size)
+        for w in self.windows:
+            ref.reset()
+            np.ascontiguousarray(ref.prefill(w, 0), dtype=np.float32).tofile(self._file)
+        self.greedy_prompt = self.windows[-1, : cfg.prompt_len].tolist()
+        self.greedy = greedy_generate(ref, self.greedy_prompt, cfg.n_greedy)
+        self.interface_target = ref.interface_target()
+        self.round_trip_target = ref.round_trip_fn()  # a float64 copy of the embed/unembed tables only
+        self.vocab_size = ref.vocab_size
+
+    def window_logits(self, i: int) -> np.ndarray:
+        n = self._shape[0] * self._shape[1]
+        self._file.seek(i * n * 4)
+        return np.fromfile(self._file, dtype=np.float32, count=n).reshape(self._shape)
+
+    def close(self) -> None:
+        self._file.close()
+
+
 def validate(
     ref,
     art: Session,
-    heldout: np.ndarray,
+    heldout: np.ndarray | None = None,
     scheme: str = "fp32",
     cfg: ValidateConfig | None = None,
     progress: Callable[[str], None] | None = None,
     gates=None,
 ) -> ValidationResult:
-    """heldout: token windows [n, len] from the held-out split (models.train.heldout_windows)."""
+    """ref: a Reference, or a reference session (recorded here over `heldout`, token windows [n, len] from the
+    held-out split: models.train.heldout_windows)."""
     cfg = cfg or ValidateConfig()
-    windows = eval_windows(heldout, cfg, art.max_seq_len)
     step = progress or (lambda _msg: None)
+    if not isinstance(ref, Reference):
+        step("reference")
+        ref = Reference(ref, heldout, cfg, art.max_seq_len)
+    if art.max_seq_len < ref.windows.shape[1]:
+        from pit_export.errors import BadInput
+
+        raise BadInput(f"{art.name}: context {art.max_seq_len} is shorter than the reference windows")
     details: dict[str, np.ndarray] = {}
     step("logits")
-    metrics = compare_logits(ref, art, windows, details)
+    metrics = compare_logits(ref, art, details)
     step("greedy")
-    metrics |= greedy_agreement(ref, art, windows[-1, : cfg.prompt_len].tolist(), cfg.n_greedy)
+    metrics |= greedy_agreement(ref, art)
     step("interface")
     metrics |= interface_metrics(ref, art, cfg.round_trip_chunk, details)
     return ValidationResult(art.name, scheme, metrics, check_gates(metrics, scheme, gates), details)

@@ -35,8 +35,11 @@ class OrtSession:
         self.vocab_size, self.hidden_size, self.max_seq_len = cfg["vocab_size"], cfg["dim"], cfg["max_seq_len"]
         self.kv_shape = (1, cfg["n_kv_heads"], 0, cfg["dim"] // cfg["n_heads"])
         self.model = _session(path / model_file, threads, profile_dir)
-        self._embed = _session(path / "embed.onnx", threads)
-        self._unembed = _session(path / "unembed.onnx", threads)
+        self.path, self.threads = path, threads
+        self._probes: dict[str, ort.InferenceSession] = {}  # embed/unembed, opened on first use: each holds the table
+        for name in ("embed", "unembed"):
+            if not (path / f"{name}.onnx").is_file():
+                raise OSError(f"{name}.onnx is missing")
         self.past_names = [i.name for i in self.model.get_inputs() if i.name.startswith("past_key_values.")]
         self.out_names = [o.name for o in self.model.get_outputs()]
         self.reset()
@@ -62,11 +65,21 @@ class OrtSession:
     def decode(self, token, pos):
         return self.prefill(np.array([token]), pos)[0]
 
+    def _probe(self, name: str) -> ort.InferenceSession:
+        if name not in self._probes:
+            try:
+                self._probes[name] = _session(self.path / f"{name}.onnx", self.threads)
+            except ort.capi.onnxruntime_pybind11_state.Fail as e:
+                from pit_export.errors import BadInput
+
+                raise BadInput(f"{self.path}: {name}.onnx does not load ({str(e).splitlines()[0][:200]})") from None
+        return self._probes[name]
+
     def embed(self, tokens):
-        return self._embed.run(None, {"input_ids": np.asarray(tokens, dtype=np.int64)[None]})[0][0]
+        return self._probe("embed").run(None, {"input_ids": np.asarray(tokens, dtype=np.int64)[None]})[0][0]
 
     def unembed(self, hidden):
-        return self._unembed.run(None, {"hidden": np.asarray(hidden, dtype=np.float32)[None]})[0][0]
+        return self._probe("unembed").run(None, {"hidden": np.asarray(hidden, dtype=np.float32)[None]})[0][0]
 
     def op_profile(self, skip_runs: int = 1) -> dict[str, float]:
         """Microseconds per op type over the model runs after the first `skip_runs` (the prefill), from ORT's trace;
@@ -82,7 +95,7 @@ class OrtSession:
         return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
     def close(self):
-        self.model = self._embed = self._unembed = None
+        self.model, self._probes = None, {}
 
 
 @register("onnx")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 import torch
 from pit_export.models.pit import Transformer
@@ -41,11 +43,20 @@ class ReferenceSession:
     def unembed(self, hidden):
         return self.model.unembed(torch.as_tensor(np.asarray(hidden, dtype=np.float32))).numpy()
 
-    @torch.no_grad()
     def round_trip_target(self, tokens) -> np.ndarray:
         """head(embed(t)) in float64 from the training graph: z_t Z^T for PIT."""
+        return self.round_trip_fn()(tokens)
+
+    def round_trip_fn(self):
+        """round_trip_target as a function that holds a float64 copy of the embed/unembed tables only, not the
+        model: a validation can keep it after dropping the body."""
         m = _f64(self.model)
-        return m.unembed(m.embed(torch.as_tensor(np.asarray(tokens), dtype=torch.long))).numpy()
+
+        @torch.no_grad()
+        def target(tokens) -> np.ndarray:
+            return m.unembed(m.embed(torch.as_tensor(np.asarray(tokens), dtype=torch.long))).numpy()
+
+        return target
 
     def interface_target(self) -> np.ndarray:
         from pit_export.fold import reference_interface
@@ -59,17 +70,17 @@ class ReferenceSession:
         pass
 
 
-_F64_CACHE: dict[int, Transformer] = {}
+# weak keys: an entry goes with its model (an id() key could be reused by the next model loaded)
+_F64_CACHE: weakref.WeakKeyDictionary[Transformer, Transformer] = weakref.WeakKeyDictionary()
 
 
 def _f64(model: Transformer) -> Transformer:
     from pit_export.fold import float64_interface
 
-    key = id(model)
-    if key not in _F64_CACHE:
+    if model not in _F64_CACHE:
         _F64_CACHE.clear()
-        _F64_CACHE[key] = float64_interface(model)
-    return _F64_CACHE[key]
+        _F64_CACHE[model] = float64_interface(model)
+    return _F64_CACHE[model]
 
 
 class FoldedSession:

@@ -111,3 +111,29 @@ def test_decode_matches_prefill(pit_ckpt, heldout):
     s.reset()
     part = [s.prefill(w[:10], 0)] + [s.decode(int(t), 10 + i)[None] for i, t in enumerate(w[10:])]
     np.testing.assert_allclose(np.concatenate(part), full, rtol=0, atol=1e-4)
+
+
+def test_recorded_reference_outlives_the_model(heldout):
+    """validate() compares against a recording of the training graph: the model can be dropped before an artifact
+    is opened (what keeps `pit-export validate` within memory at scale) and the verdict is the one the live model
+    gives."""
+    import gc
+    import weakref
+
+    from pit_export.models.checkpoint import load_checkpoint
+
+    from pit_export.validate import Reference
+
+    from .conftest import DEFAULT_MODEL
+
+    ck = load_checkpoint(DEFAULT_MODEL)
+    fw = fold(ck, "shared-z")[0]
+    cfg = ValidateConfig(n_windows=2, n_greedy=16)
+    live = validate(ReferenceSession(ck.model), FoldedSession(fw), heldout, "fp32", cfg)
+    ref = Reference(ReferenceSession(ck.model), heldout, cfg, ck.config.max_seq_len)
+    model, ck.model = weakref.ref(ck.model), None
+    gc.collect()
+    assert model() is None
+    recorded = validate(ref, FoldedSession(fw), scheme="fp32", cfg=cfg)
+    ref.close()
+    assert recorded.metrics == live.metrics and recorded.passed

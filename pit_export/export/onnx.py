@@ -29,11 +29,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
-import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
-from pit_export.decoder import Decoder, FoldedWeights
+from pit_export.decoder import Decoder, FoldedWeights, grouped_attention
 from pit_export.errors import BadInput
 from pit_export.models.pit import apply_rope, rms_norm
 from pit_export.quantize import Scheme
@@ -87,9 +86,7 @@ class KVDecoder(nn.Module):
         k = apply_rope(att.wk(h).view(b, s, att.n_kv, att.hd).transpose(1, 2), cos, sin)
         v = att.wv(h).view(b, s, att.n_kv, att.hd).transpose(1, 2)
         k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
-        rep = att.n_heads // att.n_kv
-        y = F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), attn_mask=mask)
-        x = x + att.wo(y.transpose(1, 2).reshape(b, s, -1))
+        x = x + att.wo(grouped_attention(q, k, v, mask, att.n_heads // att.n_kv))
         return x + layer.feed_forward(rms_norm(x, layer.eps) * layer.ffn_norm), k, v
 
 

@@ -24,6 +24,10 @@ class ExecuTorchSession:
         et = meta["executorch"]
         if et.get("needs_quantized_kernels"):
             import executorch.kernels.quantized  # noqa: F401  registers quantized_decomposed::embedding_*bit
+        if et.get("needs_custom_ops"):
+            from pit_export.export.executorch import load_custom_ops
+
+            load_custom_ops()
         data = folder / et["data"] if et.get("data") else None  # shared layouts keep weights in model.ptd
         with quiet_native_stderr():
             if threads:

@@ -25,8 +25,9 @@ from torch import nn
 from torch.export import Dim
 from torch.export import export as torch_export
 
-from pit_export.decoder import Decoder, FoldedWeights
+from pit_export.decoder import CachedAttention, Decoder, FoldedWeights
 from pit_export.errors import BadInput
+from pit_export.models.pit import apply_rope
 from pit_export.quantize import Scheme
 
 PTE, DATA_TAG = "model.pte", "model"  # weights file: DATA_TAG.ptd
@@ -40,14 +41,51 @@ def probe_rows(cfg) -> dict[str, int]:
     return {"embed": cfg.vocab_size, "unembed": min(cfg.vocab_size, UNEMBED_ROWS)}
 
 
+def load_custom_ops() -> None:
+    """ExecuTorch's LLM kernels (llama::update_cache, llama::custom_sdpa): eager/export implementations and the
+    runtime's kernels, both registered by this import. The Android LLM runner links the same ops."""
+    import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401
+
+
+class CustomOpAttention(CachedAttention):
+    """Attention on ExecuTorch's LLM kernels, as its own Llama export does: the cache is [1, S, H_kv, hd], written
+    in place by llama::update_cache at start_pos, and llama::custom_sdpa attends causally to positions
+    <= start_pos + i only, reading grouped KV heads in place. Compared with the portable graph (index_copy_ into the
+    cache, then attention over the whole static cache) a decode step reads only the filled part of the cache and no
+    cache op falls outside the kernels. Positions must be consecutive (start_pos = input_pos[0]), as the Session
+    protocol's prefill/decode always give them."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        shape = (1, cfg.max_seq_len, cfg.n_kv_heads, cfg.head_dim)
+        self.register_buffer("k_cache", torch.zeros(shape), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape), persistent=False)
+        self.max_seq_len = cfg.max_seq_len
+
+    def forward(self, x, cos, sin, input_pos, mask):
+        b, s, _ = x.shape
+        q = apply_rope(self.wq(x).view(b, s, self.n_heads, self.hd).transpose(1, 2), cos, sin).transpose(1, 2)
+        k = apply_rope(self.wk(x).view(b, s, self.n_kv, self.hd).transpose(1, 2), cos, sin).transpose(1, 2)
+        v = self.wv(x).view(b, s, self.n_kv, self.hd)
+        start = input_pos[0].item()
+        torch._check_is_size(start)
+        torch._check(start + s <= self.max_seq_len)
+        torch.ops.llama.update_cache(k, self.k_cache, start)
+        torch.ops.llama.update_cache(v, self.v_cache, start)
+        y = torch.ops.llama.custom_sdpa(q, self.k_cache, self.v_cache, start, None, 0.0, True)
+        return self.wo(y.reshape(b, s, -1))
+
+
 class EtDecoder(Decoder):
-    """The Decoder with the shared layouts' head as an nn.Linear on the same table Parameter.
+    """The Decoder on ExecuTorch's LLM attention kernels, with the shared layouts' head as an nn.Linear on the same
+    table Parameter.
 
     Same math and the same single Parameter as Decoder.head's F.linear(..., table.weight); being a module lets the
     quantizer see the head like any other linear (otherwise shared layouts would keep an fp32 head)."""
 
     def __init__(self, fw: FoldedWeights):
-        super().__init__(fw)
+        load_custom_ops()
+        super().__init__(fw, CustomOpAttention)
         if self.layout != "untied":
             self.head_out = nn.Linear(self.cfg.dim, self.cfg.vocab_size, bias=False)
             self.head_out.weight = self.table.weight
@@ -109,7 +147,7 @@ def metadata(cfg) -> dict:
         "get_bos_id": cfg.bos_id,
         "get_eos_ids": [cfg.eos_id],
         "use_kv_cache": True,
-        "use_sdpa_with_kv_cache": False,
+        "use_sdpa_with_kv_cache": True,  # llama::custom_sdpa + llama::update_cache
         "enable_dynamic_shape": True,  # the runner prefills the whole prompt in one forward call
     }
 
@@ -183,6 +221,7 @@ def export(fw: FoldedWeights, scheme: Scheme, out: Path, ckpt, progress) -> dict
             "probe_rows": probe_rows(fw.cfg),
             "metadata": meta,
             "needs_quantized_kernels": scheme.embedding_bits is not None,
+            "needs_custom_ops": True,  # llama::update_cache, llama::custom_sdpa
             "export_seconds": round(t1 - t0, 2),
             "lower_seconds": round(t2 - t1, 2),
         },

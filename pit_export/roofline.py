@@ -120,17 +120,12 @@ def kv_bytes(cfg: dict, context: int) -> int:
     return cfg["n_layers"] * 2 * cfg["n_kv_heads"] * head_dim * 4 * context
 
 
-# formats whose decoder keeps a static KV cache and attends every slot (masked), so each step reads all max_seq_len
-# positions (pit_export/decoder.py); the others grow past/present and read only the context so far
-STATIC_CACHE = {".pte"}
-
-
 def token_bytes(folder: Path, meta: dict, context: int) -> TokenBytes:
     cfg = meta["config"]
     streamed, gather = weight_split(Path(folder), meta)
     row = gather // cfg["vocab_size"]
-    if any(Path(f).suffix in STATIC_CACHE for f in meta["deploy_files"]):
-        context = cfg["max_seq_len"]
+    # every deployed decoder reads only the positions filled so far: ONNX grows past/present, the .pte's
+    # llama::custom_sdpa stops at start_pos, the .mlpackage slices its state to the current end
     kv = kv_bytes(cfg, context)
     return TokenBytes(streamed, gather, row, kv, context, streamed + row + kv)
 

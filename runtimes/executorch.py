@@ -12,8 +12,8 @@ from .base import quiet_native_stderr, register
 
 
 class ExecuTorchSession:
-    """forward keeps the KV cache as program state between calls. reset() needs no work: the Decoder masks every
-    cache slot past the current position, so a new sequence from position 0 never reads stale entries
+    """forward keeps the KV cache as program state between calls. reset() needs no work: attention reads the cache
+    only up to the current position (llama::custom_sdpa), so a new sequence from position 0 never reads stale entries
     (tests/test_executorch.py checks this against a fresh program)."""
 
     def __init__(self, folder: Path, threads: int | None = None, profile_dir: str | None = None):

@@ -5,8 +5,9 @@ Methods of the program:
   embed(tokens Long[n]) -> [n, d]        unembed(hidden [n, d]) -> [n, V]   n in 1..V: the PIT interface probes
   get_max_seq_len, get_vocab_size, ... constants the ExecuTorch LLM runner (and the demo apps) read.
 
-The KV cache is the Decoder's static buffers, written in place by index_copy_ at explicit positions; the program
-keeps them as mutable state between calls. Constants are shared between the methods (XNNPACK stores weights by
+The KV cache is a static buffer per layer, written in place at start_pos = input_pos[0] by ExecuTorch's
+llama::update_cache and read by llama::custom_sdpa up to the current position (CustomOpAttention); the program keeps
+the buffers as mutable state between calls. Constants are shared between the methods (XNNPACK stores weights by
 content hash).
 
 Shared layouts: inside one .pte a table read by both the gather (a portable-kernel op reading the program's

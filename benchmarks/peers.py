@@ -117,6 +117,28 @@ def export_stages(work: Path, ctx: int) -> dict:
             OFFLINE,
             ex / "optimum-executorch" / "model.pte",
         ),
+        "optimum-executorch emb4": (
+            oe,
+            [
+                "export",
+                "executorch",
+                "--model",
+                hf,
+                "--task",
+                "text-generation",
+                *recipe,
+                "--qembedding",
+                "4w",
+                "--qembedding_group_size",
+                32,
+                "--max_seq_len",
+                ctx,
+                "--output_dir",
+                ex / "optimum-executorch-emb4",
+            ],
+            OFFLINE,
+            ex / "optimum-executorch-emb4" / "model.pte",
+        ),
         "onnxruntime-genai": (
             og,
             ["-i", hf, "-o", ex / "genai", "-p", "int4", "-e", "cpu", "-c", ex / "genai-cache"],
@@ -167,7 +189,7 @@ def timed_artifacts(work: Path) -> dict:
             backend="executorch",
             how="bench",
             path=ex / "ours-android-emb8" / "android",
-            label="pit-export android: 8da4w + 8-bit embedding (optimum's scheme), untied",
+            label="pit-export android: 8da4w + 8-bit embedding (group 32; optimum's 8w is per row), untied",
         ),
         et: dict(
             backend="executorch",
@@ -175,9 +197,17 @@ def timed_artifacts(work: Path) -> dict:
             venv=et,
             kind="pte",
             path=ex / et / "model.pte",
-            label="optimum-executorch 1.1.0: 8da4w + 8-bit embedding, custom SDPA + KV cache",
+            label="optimum-executorch 1.1.0: 8da4w + 8-bit embedding (per row), custom SDPA + KV cache",
         ),
-        "ours android, peer runner": dict(
+        "optimum-executorch emb4": dict(
+            backend="executorch",
+            how="runner",
+            venv=et,
+            kind="pte",
+            path=ex / "optimum-executorch-emb4" / "model.pte",
+            label="optimum-executorch 1.1.0: 8da4w + 4-bit embedding (group 32: our preset's scheme)",
+        ),
+        "ours android (peer runner)": dict(
             backend="executorch",
             how="runner",
             venv=et,
@@ -199,7 +229,7 @@ def timed_artifacts(work: Path) -> dict:
             path=ex / "genai",
             label="onnxruntime-genai 0.18.0 builder: int4 MatMulNBits, GroupQueryAttention",
         ),
-        "ours onnx-cpu, genai runner": dict(
+        "ours onnx-cpu (genai runner)": dict(
             backend="onnx",
             how="runner",
             venv=og,
@@ -207,7 +237,7 @@ def timed_artifacts(work: Path) -> dict:
             path=ours_o,
             label="ours onnx-cpu loaded by onnxruntime-genai, peer_runner.py",
         ),
-        f"{og}, native search": dict(
+        f"{og} (native search)": dict(
             backend="onnx",
             how="runner",
             venv=og,
@@ -216,7 +246,7 @@ def timed_artifacts(work: Path) -> dict:
             native=True,
             label="genai's generate_next_token (argmax in C++)",
         ),
-        "ours onnx-cpu, genai native search": dict(
+        "ours onnx-cpu (genai native search)": dict(
             backend="onnx",
             how="runner",
             venv=og,
@@ -232,19 +262,12 @@ def timed_artifacts(work: Path) -> dict:
 PAIRS = [
     ("executorch: presets", "ours android", "optimum-executorch"),
     ("executorch: both 8-bit embedding", "ours android emb8", "optimum-executorch"),
-    ("executorch: same runner", "ours android, peer runner", "optimum-executorch"),
+    ("executorch: both 4-bit embedding (group 32)", "ours android", "optimum-executorch emb4"),
+    ("executorch: same runner", "ours android (peer runner)", "optimum-executorch"),
     ("onnx: presets (our ORT session vs genai)", "ours onnx-cpu", "onnxruntime-genai"),
-    ("onnx: both in genai, same runner", "ours onnx-cpu, genai runner", "onnxruntime-genai"),
-    ("onnx: both in genai, native search", "ours onnx-cpu, genai native search", "onnxruntime-genai, native search"),
+    ("onnx: both in genai, same runner", "ours onnx-cpu (genai runner)", "onnxruntime-genai"),
+    ("onnx: both in genai, native search", "ours onnx-cpu (genai native search)", "onnxruntime-genai (native search)"),
 ]
-# the export stage behind each timed artifact
-EXPORT_OF = {
-    "ours android": "ours android",
-    "ours android emb8": "ours android emb8",
-    "ours onnx-cpu": "ours onnx-cpu",
-    "optimum-executorch": "optimum-executorch",
-    "onnxruntime-genai": "onnxruntime-genai",
-}
 
 
 def deployed(path: Path) -> dict:
@@ -341,7 +364,7 @@ def ratios(state: dict) -> list[dict]:
             continue
         pr = {(r["threads"], r["prompt_len"]): r for r in p["runs"] if "error" not in r}
         row = {"pair": what, "ours": ours, "peer": peer, "size": ratio(o["deployed_bytes"], p["deployed_bytes"])}
-        eo, ep = exports.get(EXPORT_OF.get(ours, "")), exports.get(EXPORT_OF.get(peer, ""))
+        eo, ep = exports.get(ours), exports.get(peer)
         if eo and ep and eo["rc"] == 0 and ep["rc"] == 0:
             row["export_seconds"] = ratio(eo["seconds"], ep["seconds"])
             row["export_peak_rss"] = ratio(eo["peak_rss_mb"], ep["peak_rss_mb"])
@@ -395,7 +418,7 @@ def tables(report: dict):
     for c in cols:
         t.add_column(c, justify="left" if c == "artifact" else "right")
     for key, b in report["bench"].items():
-        ex = report["exports"].get(EXPORT_OF.get(key, ""), {})
+        ex = report["exports"].get(key, {})  # timed artifacts named after their export
         size = f"{b['deployed_bytes'] / 1e6:.1f}" if "deployed_bytes" in b else "-"
         exs = (f"{ex['seconds']:.0f}", f"{ex['peak_rss_mb']:.0f}") if ex.get("rc") == 0 else ("-", "-")
         if "runs" not in b:

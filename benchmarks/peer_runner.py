@@ -106,7 +106,42 @@ def native_run(sess: GenaiSession, prompt: np.ndarray, gen: int) -> dict:
     return {"ttft": ttft, "steps": steps, "tokens": tokens}
 
 
+def pte_op_profile(path: str, vocab: int, threads: int, prompt_len: int, steps: int = 16) -> dict:
+    """Share of decode time per operator from an ETDump (portable kernels and XNNPACK ops; the same reading as
+    runtimes/executorch.py's op_profile): prefill, 2 warm-up steps, then `steps` traced steps."""
+    import re
+    import tempfile
+
+    import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401
+    import executorch.kernels.quantized  # noqa: F401
+    import torch
+    from executorch.devtools import Inspector
+    from executorch.extension.pybindings.portable_lib import _load_for_executorch, _unsafe_reset_threadpool
+
+    _unsafe_reset_threadpool(threads)
+    module = _load_for_executorch(path, None, True)
+    tokens = torch.as_tensor(prompt_tokens(prompt_len, vocab))
+    logits = module.run_method("forward", (tokens[None], torch.arange(prompt_len)))[0]
+    tok = int(logits[0, -1].argmax())
+    for i in range(2 + steps):
+        pos = prompt_len + i
+        tok = int(module.run_method("forward", (torch.tensor([[tok]]), torch.tensor([pos])))[0][0, -1].argmax())
+    out: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        module.write_etdump_result_to_file(f"{tmp}/forward.etdp")
+        for block in Inspector(etdump_path=f"{tmp}/forward.etdp").event_blocks:
+            for e in block.events if block.name == "Execute" else []:
+                if e.perf_data is None or e.name in ("Method::execute", "OPERATOR_CALL", "DELEGATE_CALL"):
+                    continue
+                name = re.sub(r" #\d+$", "", e.name).removeprefix("native_call_")
+                out[name] = out.get(name, 0.0) + 1e3 * sum(e.perf_data.raw[3:])  # skip prefill + warm-up
+    total = sum(out.values()) or 1.0
+    return {k: v / total for k, v in sorted(out.items(), key=lambda kv: -kv[1])[:12]}
+
+
 def main(args: dict) -> dict:
+    if args.get("profile"):
+        return {"ops_share": pte_op_profile(args["path"], args["vocab"], args["threads"], args["prompt_len"])}
     load_avg = os.getloadavg()[0]
     base = rss_kb("VmRSS")
     n, gen, repeats = args["prompt_len"], args["gen"], args["repeats"]

@@ -282,6 +282,21 @@ def deployed(path: Path) -> dict:
     return {n: (path / n).stat().st_size for n in names}
 
 
+def onnx_summary(folder: Path) -> dict:
+    """What the ONNX graph asks of the runtime: node count, the commonest ops, MatMulNBits count and accuracy_level
+    (4 = int8 activations in the 4-bit matmul, 0/absent = fp32)."""
+    import collections
+
+    import onnx
+
+    g = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph
+    ops = collections.Counter(n.op_type for n in g.node)
+    acc = collections.Counter(
+        next((a.i for a in n.attribute if a.name == "accuracy_level"), 0) for n in g.node if n.op_type == "MatMulNBits"
+    )
+    return {"nodes": len(g.node), "top_ops": dict(ops.most_common(10)), "matmulnbits_accuracy_level": dict(acc)}
+
+
 def run_runner(spec: dict, vocab: int, threads: int, n: int, gen: int, repeats: int) -> dict:
     args = dict(
         kind=spec["kind"],
@@ -292,6 +307,7 @@ def run_runner(spec: dict, vocab: int, threads: int, n: int, gen: int, repeats: 
         gen=gen,
         repeats=repeats,
         native=spec.get("native", False),
+        profile=spec.get("profile", False),
     )
     env = os.environ | OFFLINE | {"OMP_NUM_THREADS": str(threads)}
     p = subprocess.run(
@@ -345,7 +361,12 @@ def bench_one(key: str, spec: dict, work: Path, a) -> dict:
                 flush=True,
             )
             runs.append(r)
-    return rec | {"runs": runs}
+    rec["runs"] = runs
+    if spec["kind"] == "pte":  # where decode time goes: the .pte's ETDump op shares
+        t, n = min(map(int, a.threads.split(","))), max(map(int, a.prompt_lens.split(",")))
+        prof = run_runner(spec | {"profile": True}, SMOLLM2_135M.vocab_size, t, n, a.gen, a.repeats)
+        rec["decode_profile"] = {"threads": t, "context": n} | prof
+    return rec
 
 
 def ratio(x, y):
@@ -364,10 +385,11 @@ def ratios(state: dict) -> list[dict]:
             continue
         pr = {(r["threads"], r["prompt_len"]): r for r in p["runs"] if "error" not in r}
         row = {"pair": what, "ours": ours, "peer": peer, "size": ratio(o["deployed_bytes"], p["deployed_bytes"])}
-        eo, ep = exports.get(ours), exports.get(peer)
-        if eo and ep and eo["rc"] == 0 and ep["rc"] == 0:
-            row["export_seconds"] = ratio(eo["seconds"], ep["seconds"])
-            row["export_peak_rss"] = ratio(eo["peak_rss_mb"], ep["peak_rss_mb"])
+        eo, ep, imp = exports.get(ours), exports.get(peer), exports.get("ours import-hf")
+        if eo and ep and imp and eo["rc"] == ep["rc"] == imp["rc"] == 0:
+            # the peers go from the HF folder in one process, ours in two: import-hf, then export
+            row["export_seconds"] = ratio(eo["seconds"] + imp["seconds"], ep["seconds"])
+            row["export_peak_rss"] = ratio(max(eo["peak_rss_mb"], imp["peak_rss_mb"]), ep["peak_rss_mb"])
         row["per_config"] = [
             {
                 "threads": r["threads"],
@@ -443,6 +465,13 @@ def tables(report: dict):
                 f"{r['loadavg_1m']:.1f}",
                 end_section=i == len(b["runs"]) - 1,
             )
+    imp = report["exports"].get("ours import-hf")
+    if imp and imp["rc"] == 0:
+        t.caption = (
+            f"ours' export s / RSS are the export stage alone; import-hf before it took {imp['seconds']:.0f} s, "
+            f"{imp['peak_rss_mb']:.0f} MB (the ratios below add it)"
+        )
+        t.caption_justify = "left"
     rt = Table(title="ours / peer", title_justify="left")
     for c in ["pair", "thr", "prompt", "decode", "decode (p50)", "prefill", "size", "export s", "export RSS"]:
         rt.add_column(c, justify="left" if c == "pair" else "right")
@@ -499,6 +528,10 @@ def main(argv=None):
             state["bench"][key] = bench_one(key, spec, a.work, a)
             save()
     from pit_export.bench import machine
+
+    for b in state["bench"].values():  # read from the graph each time: cheap, and valid for cached timings too
+        if b["backend"] == "onnx" and Path(b["path"], "model.onnx").is_file():
+            b["graph"] = onnx_summary(Path(b["path"]))
 
     report = {
         "model": "SmolLM2-135M configuration (vocab 49152, d 576, 30 layers, 9/3 heads, ffn 1536, rope 1e5), "

@@ -488,6 +488,37 @@ def tables(report: dict):
     return t, rt
 
 
+def markdown(report: dict, threads: int = 1) -> str:
+    """The README's tables from a written report: every artifact at `threads`, then the ratios."""
+    imp = report["exports"].get("ours import-hf", {})
+    lines = [
+        "| artifact | prompt | decode tok/s (p50-based) | prefill tok/s | TTFT ms | peak RSS MB | MB | export s | "
+        "export peak RSS MB | load 1m |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for key, b in report["bench"].items():
+        ex = report["exports"].get(key, {})
+        if ex.get("rc") == 0 and key.startswith("ours"):
+            exs = f"{imp['seconds']:.0f} + {ex['seconds']:.0f} | {max(imp['peak_rss_mb'], ex['peak_rss_mb']):.0f}"
+        else:
+            exs = f"{ex['seconds']:.0f} | {ex['peak_rss_mb']:.0f}" if ex.get("rc") == 0 else "– | –"
+        for r in (r for r in b.get("runs", []) if r.get("threads") == threads and "error" not in r):
+            lines.append(
+                f"| {key} | {r['prompt_len']} | {r['decode_tok_s']:.1f} ({r['decode_tok_s_p50']:.1f}) | "
+                f"{r['prefill_tok_s']:.0f} | {r['ttft_ms']:.0f} | {r['peak_rss_mb']:.0f} | "
+                f"{b['deployed_bytes'] / 1e6:.1f} | {exs} | {r['loadavg_1m']:.1f} |"
+            )
+            exs = " | "
+    lines += ["", "| ours ÷ peer | threads | prompt | decode | decode (p50) | prefill | size | export s | export RSS |"]
+    lines.append("|---|---|---|---|---|---|---|---|---|")
+    for row in report["ratios"]:
+        for i, c in enumerate(row.get("per_config") or []):
+            rest = [row.get(k, "–") if i == 0 else "" for k in ("size", "export_seconds", "export_peak_rss")]
+            vals = [c["threads"], c["prompt_len"], c["decode_tok_s"], c["decode_tok_s_p50"], c["prefill_tok_s"], *rest]
+            lines.append(f"| {row['pair'] if i == 0 else ''} | " + " | ".join(map(str, vals)) + " |")
+    return "\n".join(lines)
+
+
 def load_state(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {"exports": {}, "bench": {}}
 
@@ -507,7 +538,11 @@ def main(argv=None):
         help="Comma-separated stage names (an export's or a timed artifact's key, or 'venvs', 'exports', "
         "'bench'): run just these, again; without it every stage not yet recorded in --work runs.",
     )
+    ap.add_argument("--markdown", action="store_true", help="Print the README tables from --out; run nothing.")
     a = ap.parse_args(argv)
+    if a.markdown:
+        print(markdown(json.loads(a.out.read_text())))
+        return 0
     only = set(a.only.split(",")) if a.only else None
     wanted = lambda name, group: (name in only or group in only) if only else name not in state[group]  # noqa: E731
     a.work.mkdir(parents=True, exist_ok=True)

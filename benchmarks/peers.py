@@ -535,8 +535,9 @@ def main(argv=None):
     ap.add_argument(
         "--only",
         default=None,
-        help="Comma-separated stage names (an export's or a timed artifact's key, or 'venvs', 'exports', "
-        "'bench'): run just these, again; without it every stage not yet recorded in --work runs.",
+        help="Comma-separated stages to run again: a name (its export and its timing), 'exports:NAME' or "
+        "'bench:NAME' (one of them), or a group ('venvs', 'exports', 'bench'). Without it every stage not yet "
+        "recorded in --work runs.",
     )
     ap.add_argument("--markdown", action="store_true", help="Print the README tables from --out; run nothing.")
     a = ap.parse_args(argv)
@@ -544,7 +545,12 @@ def main(argv=None):
         print(markdown(json.loads(a.out.read_text())))
         return 0
     only = set(a.only.split(",")) if a.only else None
-    wanted = lambda name, group: (name in only or group in only) if only else name not in state[group]  # noqa: E731
+
+    def wanted(name: str, group: str) -> bool:
+        if only is None:
+            return name not in state[group]
+        return bool({name, group, f"{group}:{name}"} & only)
+
     a.work.mkdir(parents=True, exist_ok=True)
     state_file = a.work / "state.json"
     state = load_state(state_file)

@@ -498,7 +498,7 @@ def markdown(report: dict, threads: int = 1) -> str:
     ]
     for key, b in report["bench"].items():
         ex = report["exports"].get(key, {})
-        if ex.get("rc") == 0 and key.startswith("ours"):
+        if ex.get("rc") == 0 and key.startswith("ours") and imp.get("rc") == 0:
             exs = f"{imp['seconds']:.0f} + {ex['seconds']:.0f} | {max(imp['peak_rss_mb'], ex['peak_rss_mb']):.0f}"
         else:
             exs = f"{ex['seconds']:.0f} | {ex['peak_rss_mb']:.0f}" if ex.get("rc") == 0 else "– | –"
@@ -555,13 +555,20 @@ def main(argv=None):
     state_file = a.work / "state.json"
     state = load_state(state_file)
     save = lambda: state_file.write_text(json.dumps(state, indent=2, default=str) + "\n")  # noqa: E731
+    venv_errors = {}
     if only is None or "venvs" in only:
         for name in PEERS:
-            ensure_venv(name)
+            try:
+                ensure_venv(name)
+            except subprocess.CalledProcessError as e:  # that peer is reported as failed, the rest goes on
+                venv_errors[name] = str(e)
     build_hf(a.work)
     for name, (cmd, args, env, _) in export_stages(a.work, a.context).items():
         if wanted(name, "exports"):
-            state["exports"][name] = run_stage(name, args, cmd, env)
+            try:
+                state["exports"][name] = run_stage(name, args, cmd, env)
+            except OSError as e:  # its venv is missing
+                state["exports"][name] = {"stage": name, "rc": None, "error": str(e)}
             save()
     for key, spec in timed_artifacts(a.work).items():
         if wanted(key, "bench"):
@@ -585,6 +592,7 @@ def main(argv=None):
         "exports": state["exports"],
         "bench": state["bench"],
         "ratios": ratios(state),
+        "venv_errors": venv_errors,
     }
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(report, indent=2, default=str) + "\n")

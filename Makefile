@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed
 DEFAULT_MODEL := models/pit-tiny
 BASELINE_MODEL := models/tied-tiny
 
-.PHONY: demo test test-slow lint install clean emu
+.PHONY: demo test test-slow lint install clean emu peers
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -43,6 +43,13 @@ lint: $(STAMP)
 EMU_ROOT := .emu/arm64
 emu:
 	sh benchmarks/emu/build-arm64.sh $(EMU_ROOT) $(PY)
+
+# pit-export beside optimum-executorch and the onnxruntime-genai builder on the SmolLM2-135M configuration (random
+# init, built here): one venv per peer in .peers/venvs (pinned; torch held at the CPU wheel), every export in its own
+# process (wall time, peak RSS), every artifact timed the same way. Stages are cached in .peers/work.
+# Writes benchmarks/results/peers.json.
+peers: $(STAMP)
+	$(BIN)/python benchmarks/peers.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

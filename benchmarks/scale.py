@@ -50,11 +50,13 @@ def build_tokenizer(vocab: int, dest: Path) -> Path:
     return dest
 
 
-def run_stage(name: str, args: list) -> dict:
-    """One CLI process: wall seconds, its own peak RSS (MB), exit code, parsed --json stdout."""
+def run_stage(name: str, args: list, cmd: list = CLI, env: dict | None = None) -> dict:
+    """One process (the CLI unless `cmd` says otherwise): wall seconds, its own peak RSS (MB), exit code, parsed
+    --json stdout."""
     t0 = time.perf_counter()
     with tempfile.TemporaryFile() as so, tempfile.TemporaryFile() as se:
-        p = subprocess.Popen([*CLI, *map(str, args)], stdout=so, stderr=se, env={**os.environ, "PYTHONHASHSEED": "0"})
+        env = {**os.environ, "PYTHONHASHSEED": "0", **(env or {})}
+        p = subprocess.Popen([*map(str, cmd), *map(str, args)], stdout=so, stderr=se, env=env)
         _, status, ru = os.wait4(p.pid, 0)
         dt = time.perf_counter() - t0
         so.seek(0), se.seek(0)

@@ -547,6 +547,26 @@ def test_interrupted_export_leaves_nothing_partial(tmp_path):
     print(kill_trials(tmp_path, 4))
 
 
+def test_signal_after_the_report_does_not_kill_a_finished_run(tmp_path):
+    """Python restores the default handlers while it tears down: a SIGTERM landing after the work (atexit, module
+    teardown) used to kill a complete run with -15, or print an atexit traceback. The finished run keeps its exit."""
+    import signal
+    import time
+
+    out = tmp_path / "o"
+    args = ["export", DEFAULT_MODEL, "--target", "onnx-cpu", "--scheme", "fp32", "--n-windows", "1", "--n-greedy", "2"]
+    cmd = [sys.executable, "-m", "pit_export", *map(str, args), "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1)
+    for line in proc.stdout:  # the report line is the last thing the run prints before it returns
+        if line.startswith("report:"):
+            break
+    time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode in (0, 128 + signal.SIGTERM), (proc.returncode, err[-2000:])
+    assert "Traceback" not in err and _complete(out), err[-2000:]
+
+
 @pytest.mark.slow
 def test_interrupted_export_20_trials(tmp_path):
     out = kill_trials(tmp_path, 21, seed=2)

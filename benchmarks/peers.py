@@ -178,83 +178,41 @@ def timed_artifacts(work: Path) -> dict:
     ex = work / "exports"
     ours_a, ours_o = ex / "ours-android" / "android", ex / "ours-onnx" / "onnx-cpu"
     et, og = "optimum-executorch", "onnxruntime-genai"
+
+    def bench(backend: str, path: Path, label: str) -> dict:
+        return dict(backend=backend, how="bench", path=path, label=label)
+
+    def pte(path: Path, label: str) -> dict:
+        return dict(backend="executorch", how="runner", venv=et, kind="pte", path=path, label=label)
+
+    def genai(path: Path, label: str, native: bool = False) -> dict:
+        return dict(backend="onnx", how="runner", venv=og, kind="genai", path=path, label=label, native=native)
+
     return {
-        "ours android": dict(
-            backend="executorch",
-            how="bench",
-            path=ours_a,
-            label="pit-export android preset: 8da4w + 4-bit embedding, untied",
+        "ours android": bench("executorch", ours_a, "pit-export android preset: 8da4w + 4-bit embedding, untied"),
+        "ours android emb8": bench(
+            "executorch",
+            ex / "ours-android-emb8" / "android",
+            "pit-export android: 8da4w + 8-bit embedding (group 32; optimum's 8w is per row), untied",
         ),
-        "ours android emb8": dict(
-            backend="executorch",
-            how="bench",
-            path=ex / "ours-android-emb8" / "android",
-            label="pit-export android: 8da4w + 8-bit embedding (group 32; optimum's 8w is per row), untied",
+        et: pte(
+            ex / et / "model.pte",
+            "optimum-executorch 1.1.0: 8da4w + 8-bit embedding (per row), custom SDPA + KV cache",
         ),
-        et: dict(
-            backend="executorch",
-            how="runner",
-            venv=et,
-            kind="pte",
-            path=ex / et / "model.pte",
-            label="optimum-executorch 1.1.0: 8da4w + 8-bit embedding (per row), custom SDPA + KV cache",
+        "optimum-executorch emb4": pte(
+            ex / "optimum-executorch-emb4" / "model.pte",
+            "optimum-executorch 1.1.0: 8da4w + 4-bit embedding (group 32: our preset's scheme)",
         ),
-        "optimum-executorch emb4": dict(
-            backend="executorch",
-            how="runner",
-            venv=et,
-            kind="pte",
-            path=ex / "optimum-executorch-emb4" / "model.pte",
-            label="optimum-executorch 1.1.0: 8da4w + 4-bit embedding (group 32: our preset's scheme)",
+        "ours android (peer runner)": pte(ours_a / "model.pte", "ours android through peer_runner.py"),
+        "ours onnx-cpu": bench(
+            "onnx",
+            ours_o,
+            "pit-export onnx-cpu preset: 8da4w (int4 MatMulNBits, int8 compute), shared-z (ONNX Runtime session)",
         ),
-        "ours android (peer runner)": dict(
-            backend="executorch",
-            how="runner",
-            venv=et,
-            kind="pte",
-            path=ours_a / "model.pte",
-            label="ours android through peer_runner.py",
-        ),
-        "ours onnx-cpu": dict(
-            backend="onnx",
-            how="bench",
-            path=ours_o,
-            label="pit-export onnx-cpu preset: int4 MatMulNBits, shared-z (ONNX Runtime session)",
-        ),
-        og: dict(
-            backend="onnx",
-            how="runner",
-            venv=og,
-            kind="genai",
-            path=ex / "genai",
-            label="onnxruntime-genai 0.18.0 builder: int4 MatMulNBits, GroupQueryAttention",
-        ),
-        "ours onnx-cpu (genai runner)": dict(
-            backend="onnx",
-            how="runner",
-            venv=og,
-            kind="genai",
-            path=ours_o,
-            label="ours onnx-cpu loaded by onnxruntime-genai, peer_runner.py",
-        ),
-        f"{og} (native search)": dict(
-            backend="onnx",
-            how="runner",
-            venv=og,
-            kind="genai",
-            path=ex / "genai",
-            native=True,
-            label="genai's generate_next_token (argmax in C++)",
-        ),
-        "ours onnx-cpu (genai native search)": dict(
-            backend="onnx",
-            how="runner",
-            venv=og,
-            kind="genai",
-            path=ours_o,
-            native=True,
-            label="ours in genai, generate_next_token",
-        ),
+        og: genai(ex / "genai", "onnxruntime-genai 0.18.0 builder: int4 MatMulNBits, GroupQueryAttention"),
+        "ours onnx-cpu (genai runner)": genai(ours_o, "ours onnx-cpu loaded by onnxruntime-genai, peer_runner.py"),
+        f"{og} (native search)": genai(ex / "genai", "genai's generate_next_token (argmax in C++)", native=True),
+        "ours onnx-cpu (genai native search)": genai(ours_o, "ours in genai, generate_next_token", native=True),
     }
 
 

@@ -60,11 +60,15 @@ class CachedAttention(nn.Module):
         self.register_buffer("k_cache", torch.zeros(shape), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape), persistent=False)
 
-    def forward(self, x, cos, sin, input_pos, mask):
+    def project(self, x, cos, sin):
+        """q [b, H, s, hd], k and v [b, H_kv, s, hd], RoPE applied: what every cache handling starts from."""
         b, s, _ = x.shape
         q = apply_rope(self.wq(x).view(b, s, self.n_heads, self.hd).transpose(1, 2), cos, sin)
         k = apply_rope(self.wk(x).view(b, s, self.n_kv, self.hd).transpose(1, 2), cos, sin)
-        v = self.wv(x).view(b, s, self.n_kv, self.hd).transpose(1, 2)
+        return q, k, self.wv(x).view(b, s, self.n_kv, self.hd).transpose(1, 2)
+
+    def forward(self, x, cos, sin, input_pos, mask):
+        q, k, v = self.project(x, cos, sin)
         keys, values = self.write_cache(input_pos, k, v)
         return self.wo(grouped_attention(q, keys, values, mask, self.n_heads // self.n_kv))
 

@@ -163,10 +163,11 @@ def interface_metrics(ref: Reference, art: Session, chunk: int = 128, details: d
     """W_out E vs the reference product and the token round trip, through art's own embed/unembed."""
     d, V = art.hidden_size, art.vocab_size
     W = art.unembed(np.eye(d, dtype=np.float32))  # d x V
+    from pit_export.fold import vocab_chunks
+
     WE = np.zeros((d, d))
-    for s in range(0, V, 4096):  # sum over token slices in float64: no V x d float64 copies
-        toks = np.arange(s, min(V, s + 4096))
-        WE += W[:, toks].astype(np.float64) @ art.embed(toks).astype(np.float64)
+    for c in vocab_chunks(V):  # sum over token slices in float64: no V x d float64 copies
+        WE += W[:, c].astype(np.float64) @ art.embed(np.arange(c.start, c.stop)).astype(np.float64)
     err = WE - ref.interface_target
     rt_max, rt_agree = 0.0, 0
     for s in range(0, V, chunk):

@@ -28,7 +28,6 @@ from torch.export import export as torch_export
 
 from pit_export.decoder import CachedAttention, Decoder, FoldedWeights
 from pit_export.errors import BadInput
-from pit_export.models.pit import apply_rope
 from pit_export.quantize import Scheme
 
 PTE, DATA_TAG = "model.pte", "model"  # weights file: DATA_TAG.ptd
@@ -65,9 +64,7 @@ class CustomOpAttention(CachedAttention):
 
     def forward(self, x, cos, sin, input_pos, mask):
         b, s, _ = x.shape
-        q = apply_rope(self.wq(x).view(b, s, self.n_heads, self.hd).transpose(1, 2), cos, sin).transpose(1, 2)
-        k = apply_rope(self.wk(x).view(b, s, self.n_kv, self.hd).transpose(1, 2), cos, sin).transpose(1, 2)
-        v = self.wv(x).view(b, s, self.n_kv, self.hd)
+        q, k, v = (t.transpose(1, 2) for t in self.project(x, cos, sin))  # the kernels take [b, s, heads, hd]
         start = input_pos[0].item()
         torch._check_is_size(start)
         torch._check(start + s <= self.max_seq_len)

@@ -34,7 +34,7 @@ from torch import nn
 
 from pit_export.decoder import Decoder, FoldedWeights, grouped_attention
 from pit_export.errors import BadInput
-from pit_export.models.pit import apply_rope, rms_norm
+from pit_export.models.pit import rms_norm
 from pit_export.quantize import Scheme
 
 OPSET = 18
@@ -80,11 +80,7 @@ class KVDecoder(nn.Module):
     @staticmethod
     def _block(layer, x, cos, sin, past_k, past_v, mask):
         att = layer.attention
-        b, s, _ = x.shape
-        h = rms_norm(x, layer.eps) * layer.attention_norm
-        q = apply_rope(att.wq(h).view(b, s, att.n_heads, att.hd).transpose(1, 2), cos, sin)
-        k = apply_rope(att.wk(h).view(b, s, att.n_kv, att.hd).transpose(1, 2), cos, sin)
-        v = att.wv(h).view(b, s, att.n_kv, att.hd).transpose(1, 2)
+        q, k, v = att.project(rms_norm(x, layer.eps) * layer.attention_norm, cos, sin)
         k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
         x = x + att.wo(grouped_attention(q, k, v, mask, att.n_heads // att.n_kv))
         return x + layer.feed_forward(rms_norm(x, layer.eps) * layer.ffn_norm), k, v

@@ -14,6 +14,7 @@ import shutil
 import signal
 import struct
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,9 +151,9 @@ def atomic_dir(dest: Path, write, force: bool = False) -> Path:
     """Build a folder in a temporary sibling, fsync it, then rename it into place: never a partial artifact.
 
     An existing `dest` is refused unless `force`, and then replaced only once the new one is complete. Failures of
-    the destination (full disk, read-only, permissions) become OutputError; any exception (an interrupt included)
-    removes the temporary folder. Temporaries left by a killed process (SIGKILL cannot be caught) carry its pid and
-    are removed by the next run."""
+    the destination (full disk, read-only, permissions) become OutputError; any exception removes the temporary
+    folder, and so does an interrupt (the signal handler removes what PENDING lists). Temporaries left by a killed
+    process (SIGKILL cannot be caught) carry its pid and are removed by the next run."""
     dest = Path(dest)
     if dest.exists() and not force:
         raise OutputError(f"{dest} exists; pass --force to replace it")
@@ -162,7 +163,9 @@ def atomic_dir(dest: Path, write, force: bool = False) -> Path:
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
         _remove_orphans(dest)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.{_TMP_TAG}{os.getpid()}-", dir=dest.parent))
+        with _signals_deferred():  # registered as soon as it exists, so an interrupt always finds it
+            tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.{_TMP_TAG}{os.getpid()}-", dir=dest.parent))
+            PENDING.add(tmp)
         write(tmp)
         _fsync_tree(tmp)
         with _signals_deferred():  # an interrupt between the two renames would hide the old folder
@@ -174,6 +177,7 @@ def atomic_dir(dest: Path, write, force: bool = False) -> Path:
                 shutil.rmtree(old, ignore_errors=True)
             else:
                 tmp.rename(dest)
+            PENDING.discard(tmp)
     except Exception as e:
         reason = e.reason if isinstance(e, OutputError) else _output_failure(e)
         if reason is None:
@@ -182,8 +186,30 @@ def atomic_dir(dest: Path, write, force: bool = False) -> Path:
         raise OutputError(f"{dest}: cannot write ({reason})", reason) from None
     finally:
         if tmp is not None:
+            PENDING.discard(tmp)
             shutil.rmtree(tmp, ignore_errors=True)
     return dest
+
+
+PENDING: set[Path] = set()  # this process's temporary folders: an interrupt removes them before it exits
+
+
+@contextmanager
+def scratch_dir() -> Iterator[Path]:
+    """A temporary folder that an interrupt (SIGINT/SIGTERM) removes too, unlike tempfile.TemporaryDirectory."""
+    with _signals_deferred():
+        tmp = Path(tempfile.mkdtemp(prefix="pit-export-"))
+        PENDING.add(tmp)
+    try:
+        yield tmp
+    finally:
+        PENDING.discard(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remove_pending() -> None:
+    for p in list(PENDING):
+        shutil.rmtree(p, ignore_errors=True)
 
 
 _TMP_TAG = "pit-tmp-"  # .NAME.pit-tmp-PID-XXXX: the pid tells whether its writer is still running

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from pit_export.errors import BadInput, PitError
+from pit_export.models.checkpoint import scratch_dir
 
 RESULTS = Path("benchmarks/results")
 
@@ -183,12 +184,11 @@ def profile_decode(folder: Path, threads: int, prompt_len: int, gen: int) -> dic
     (op_profile)."""
     import cProfile
     import pstats
-    import tempfile
 
     from pit_export.runtimes import open_session
     from pit_export.runtimes.timing import prompt_tokens
 
-    with tempfile.TemporaryDirectory() as tmp:
+    with scratch_dir() as tmp:
         sess = open_session(folder, threads=threads, profile_dir=tmp)
         prompt = prompt_tokens(prompt_len, sess.vocab_size)
         tok = int(np.argmax(sess.prefill(prompt, 0)[-1]))

@@ -18,8 +18,8 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from pit_export.errors import BadInput, GateFailed, Interrupted, exit_code
-from pit_export.models.checkpoint import CheckpointError, OutputError
+from pit_export.errors import BadInput, GateFailed, exit_code, interrupted
+from pit_export.models.checkpoint import CheckpointError, OutputError, remove_pending
 
 app = typer.Typer(
     add_completion=False,
@@ -31,6 +31,7 @@ app = typer.Typer(
 out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True, soft_wrap=True, width=None if sys.stderr.isatty() else 200)
 STATE = {"debug": False}
+LIVE: list[Progress] = []  # the progress display on screen, if any
 
 CkptArg = Annotated[Path, typer.Argument(help="Checkpoint folder (config.json, model.safetensors, tokenizer.json).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout.")]
@@ -57,7 +58,11 @@ def progress(enabled: bool = True):
         transient=True,
         disable=not enabled,
     ) as p:
-        yield p
+        LIVE.append(p)
+        try:
+            yield p
+        finally:
+            LIVE.remove(p)
 
 
 def _check_out(path: Path, force: bool):
@@ -535,15 +540,9 @@ def main():
     signal.signal(signal.SIGTERM, _interrupted)
     try:
         app()
-    except Interrupted as e:
-        err.print(f"[red]error:[/red] {e}", highlight=False)
-        sys.exit(e.exit_code)
     except Exception as e:
         if STATE["debug"]:
             raise
-        if STATE.get("signal"):  # a toolchain wrapped our Interrupted into its own error type
-            err.print(f"[red]error:[/red] {Interrupted(STATE['signal'])}", highlight=False)
-            sys.exit(128 + STATE["signal"])
         code = exit_code(e)
         known = code != 1 or isinstance(e, (CheckpointError, OutputError))
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
@@ -554,12 +553,17 @@ def main():
 
 
 def _interrupted(signum, frame):
-    # Not KeyboardInterrupt: click would turn that into "Aborted!" with exit 1. Raised inside the work, so every
-    # atomic_dir on the stack removes its temporary folder on the way out.
-    if STATE.get("signal"):  # already unwinding: let the cleanup finish
-        return
-    STATE["signal"] = signum
-    raise Interrupted(signum)
+    """Stop now: remove this process's temporary folders, say so in one line, exit 128 + signum.
+
+    Not an exception: the handler can run inside a toolchain's Python callback called from C++ (torch.export's
+    dispatch, the ONNX exporter), where an exception aborts the process (std::terminate) instead of unwinding.
+    The atomic renames block these signals, so an output folder is complete or absent whenever this runs."""
+    remove_pending()
+    if LIVE:  # a rich progress display hides the cursor; give it back
+        LIVE[-1].stop()
+    err.print(f"[red]error:[/red] {interrupted(signum)}", highlight=False)
+    sys.stderr.flush()
+    os._exit(128 + signum)
 
 
 if __name__ == "__main__":

@@ -11,12 +11,12 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from pit_export.errors import Unavailable
+from pit_export.models.checkpoint import scratch_dir
 from pit_export.runtimes.timing import prompt_tokens
 
 EMU_ROOT = Path(os.environ.get("PIT_EMU_ROOT", ".emu/arm64"))
@@ -95,7 +95,7 @@ def arm_instructions(folder: Path, vocab: int, prompt_len: int, gens=(4, 20)) ->
     """Executed ARM64 instructions per decoded token (QEMU TCG plugin, inline count): independent of emulation
     speed and machine load."""
     counts = []
-    with tempfile.TemporaryDirectory() as tmp:
+    with scratch_dir() as tmp:
         for gen in gens:  # a fixed hash seed: the same Python code path in both runs
             env = os.environ | {"QEMU_CPU": QEMU_CPU, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
             cmd = [
@@ -122,7 +122,7 @@ def host_instructions(folder: Path, vocab: int, prompt_len: int, gens=(4, 20)) -
     if shutil.which("valgrind") is None:
         return {"skipped": "valgrind not installed"}
     counts = []
-    with tempfile.TemporaryDirectory() as tmp:
+    with scratch_dir() as tmp:
         for gen in gens:
             cmd = [
                 "valgrind",
@@ -158,7 +158,7 @@ def run(folder: Path, info: dict, cfg, progress=lambda msg: None) -> dict:
         for n in cfg.prompt_lens:
             progress(f"arm64-emu: threads={threads} prompt={n} gen={cfg.gen} x{cfg.repeats} (emulated: slow)")
             prompt = prompt_tokens(n, vocab)
-            with tempfile.TemporaryDirectory() as tmp:
+            with scratch_dir() as tmp:
                 args = _runner_args(folder, prompt, cfg.gen, f"{tmp}/logits.npz", threads, cfg.repeats)
                 load = os.getloadavg()[0]
                 res = json.loads(emulated_python(RUNNER, args, timeout=3600))

@@ -25,13 +25,9 @@ class Unavailable(PitError):
     exit_code = 4
 
 
-class Interrupted(BaseException):
-    """SIGINT (130) or SIGTERM (143): stopped cleanly, temporary output removed. A BaseException, like
-    KeyboardInterrupt, so toolchains that catch and wrap Exception (exporter pass managers do) let it through."""
-
-    def __init__(self, signum: int):
-        super().__init__(f"interrupted by signal {signum}; no partial output is left")
-        self.exit_code = 128 + signum
+def interrupted(signum: int) -> str:
+    """The one line an interrupt leaves (SIGINT exits 130, SIGTERM 143)."""
+    return f"interrupted by signal {signum}; no partial output is left"
 
 
 # 1 is left for internal errors (a bug: please report it with --debug's traceback)

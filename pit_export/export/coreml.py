@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -36,6 +35,7 @@ import torch
 
 from pit_export.decoder import CachedAttention, Decoder, EntryPoint, FoldedWeights
 from pit_export.errors import BadInput
+from pit_export.models.checkpoint import scratch_dir
 from pit_export.quantize import Scheme
 from pit_export.runtimes.coreml import causal_mask
 
@@ -185,7 +185,7 @@ def save_package(models: dict, dest: Path) -> None:
     import coremltools as ct
 
     desc = ct.utils.MultiFunctionDescriptor()
-    with tempfile.TemporaryDirectory() as tmp:
+    with scratch_dir() as tmp:
         for name, m in models.items():
             path = str(Path(tmp) / f"{name}.mlpackage")
             m.save(path)

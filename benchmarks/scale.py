@@ -103,7 +103,7 @@ def main(argv=None):
     setup_s = time.perf_counter() - t0
     ckpt_bytes = sum(f.stat().st_size for f in hf.glob("*.safetensors"))
     pit, w = work / "pit", str(a.n_windows)
-    targets = {t: work / "out" / t / t for t in ("android", "onnx-cpu")}  # OUT/<target>: the artifact folder
+    targets = {t: work / "out" / t / t for t in ("android", "onnx-cpu", "ios")}  # OUT/<target>: the artifact folder
     waves = [
         [("import-hf", ["import-hf", hf, "--out", pit, "--init", "output", "--max-seq-len", a.max_seq_len, "--json"])],
         [("fold shared-z", ["fold", pit, "--layout", "shared-z", "--out", work / "folded", "--json"])],

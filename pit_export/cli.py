@@ -326,7 +326,7 @@ def export_cmd(
                 tasks[name] = p.add_task(name, total=None)
             p.update(tasks[name], description=f"{name}: {msg}")
 
-        result = pipeline.run(c, targets, out_dir, opts, step, skip_unavailable=target == pipeline.ALL)
+        result = pipeline.run(c, targets, out_dir, opts, step, target == pipeline.ALL, release_source=True)
     if json_out:
         _emit(json.loads((out_dir / "report.json").read_text()), True)
     else:

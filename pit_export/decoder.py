@@ -32,6 +32,10 @@ class FoldedWeights:
     tensors: dict[str, torch.Tensor]  # body (layers.*) + layout tables, fp32
     meta: dict = field(default_factory=dict)
 
+    def release(self) -> None:
+        """Drop the tensors (a backend whose weights are written frees them before its runtime reloads them)."""
+        self.tensors.clear()
+
 
 def grouped_attention(q, keys, values, mask, rep: int):
     """Grouped-query attention without repeating the cache; returns the heads concatenated, [b, s, H * hd].
@@ -47,15 +51,21 @@ def grouped_attention(q, keys, values, mask, rep: int):
     return y.unflatten(2, (-1, rep)).permute(0, 2, 1, 3, 4).flatten(2)
 
 
+def _linear(n_in: int, n_out: int) -> nn.Linear:
+    # on the meta device: the Decoder assigns the folded tensors, so a random init would be time and a heap that
+    # glibc keeps after it is freed (0.4 GB of resident memory at 135M)
+    return nn.Linear(n_in, n_out, bias=False, device="meta")
+
+
 class CachedAttention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         hd = cfg.head_dim
         self.n_heads, self.n_kv, self.hd = cfg.n_heads, cfg.n_kv_heads, hd
-        self.wq = nn.Linear(cfg.dim, cfg.n_heads * hd, bias=False)
-        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * hd, bias=False)
-        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * hd, bias=False)
-        self.wo = nn.Linear(cfg.n_heads * hd, cfg.dim, bias=False)
+        self.wq = _linear(cfg.dim, cfg.n_heads * hd)
+        self.wk = _linear(cfg.dim, cfg.n_kv_heads * hd)
+        self.wv = _linear(cfg.dim, cfg.n_kv_heads * hd)
+        self.wo = _linear(cfg.n_heads * hd, cfg.dim)
         shape = (1, cfg.n_kv_heads, cfg.max_seq_len, hd)
         self.register_buffer("k_cache", torch.zeros(shape), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape), persistent=False)
@@ -86,9 +96,9 @@ class CachedAttention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.w1 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
-        self.w3 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
-        self.w2 = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+        self.w1 = _linear(cfg.dim, cfg.ffn_dim)
+        self.w3 = _linear(cfg.dim, cfg.ffn_dim)
+        self.w2 = _linear(cfg.ffn_dim, cfg.dim)
 
     def forward(self, x):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
@@ -120,13 +130,13 @@ class Decoder(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, attention) for _ in range(cfg.n_layers))
         d, V = cfg.dim, cfg.vocab_size
         if fw.layout == "untied":
-            self.tok_embeddings = nn.Embedding(V, d)
-            self.output = nn.Linear(d, V, bias=False)
+            self.tok_embeddings = nn.Embedding(V, d, device="meta")
+            self.output = _linear(d, V)
         else:  # one table read by both the gather and the head
-            self.table = nn.Embedding(V, d)
-            self.head_proj = nn.Linear(d, d, bias=False)
+            self.table = nn.Embedding(V, d, device="meta")
+            self.head_proj = _linear(d, d)
             if fw.layout == "shared-z":
-                self.embed_proj = nn.Linear(d, d, bias=False)
+                self.embed_proj = _linear(d, d)
         self.register_buffer("inv_gain", torch.ones(d))  # 1/g: lets unembed() drop the folded final-norm gain
         cos, sin = rope_tables(cfg)
         self.register_buffer("rope_cos", cos, persistent=False)

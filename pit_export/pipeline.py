@@ -114,8 +114,12 @@ def run(
     opts: PipelineOptions,
     progress: Callable[[str, str], None] = lambda target, msg: None,
     skip_unavailable: bool = False,
+    release_source: bool = False,
 ) -> RunResult:
-    """Export, validate and report every target into `out`; see gate_error() for the verdict."""
+    """Export, validate and report every target into `out`; see gate_error() for the verdict.
+
+    `release_source`: the caller is done with `ckpt` afterwards, so an unvalidated run may drop its model after the
+    last fold (the CLI, for peak memory at scale)."""
     from pit_export import report
 
     out = Path(out)
@@ -123,8 +127,10 @@ def run(
     result = RunResult(out, ckpt, [], [], opts)
 
     def write(tmp: Path):
-        for t in targets:
-            result.artifacts.append(_one_target(ckpt, t, tmp, t, opts, progress, skip_unavailable))
+        for i, t in enumerate(targets):
+            # unvalidated, the last export is the checkpoint's last use (a baseline export reads its own checkpoint)
+            last = release_source and not opts.validate and i == len(targets) - 1
+            result.artifacts.append(_one_target(ckpt, t, tmp, t, opts, progress, skip_unavailable, last))
         if opts.baseline is not None:
             for a in result.artifacts:
                 if a.status == "unavailable":
@@ -154,7 +160,7 @@ def gate_error(result: RunResult) -> GateFailed | None:
     )
 
 
-def _one_target(ckpt, target, root: Path, rel: str, opts: PipelineOptions, progress, skip_unavailable):
+def _one_target(ckpt, target, root: Path, rel: str, opts: PipelineOptions, progress, skip_unavailable, last=False):
     preset = TARGETS[target]
     schemes = [opts.scheme] if opts.scheme is not None else [preset.scheme, *preset.fallbacks]
     # the preset's embedding quantization goes with the preset's schemes; an explicit --scheme stands alone
@@ -185,6 +191,7 @@ def _one_target(ckpt, target, root: Path, rel: str, opts: PipelineOptions, progr
                 emb_bits,
                 lambda msg: progress(rel, msg),
                 check if opts.validate else None,
+                release_source=last,
             )
         except Unavailable as e:
             if not skip_unavailable:

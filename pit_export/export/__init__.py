@@ -21,6 +21,7 @@ from pathlib import Path
 
 from pit_export.errors import BadInput, Unavailable
 from pit_export.fold import fold
+from pit_export.memory import release_memory
 from pit_export.models.checkpoint import CONFIG, TOKENIZER, WEIGHTS, Checkpoint, atomic_dir, file_sha256
 from pit_export.quantize import get_scheme
 
@@ -99,11 +100,14 @@ def export_artifact(
     embedding_bits: int | None = None,
     progress=lambda msg: None,
     check=None,
+    release_source: bool = False,
 ) -> dict:
     """Fold, export and write pit_export.json; returns the manifest.
 
     `check(folder) -> dict` runs on the finished temporary folder (validation); its result lands in the manifest.
-    If it raises (a failed gate), nothing is written: `out` appears only complete and checked."""
+    If it raises (a failed gate), nothing is written: `out` appears only complete and checked.
+    `release_source`: the checkpoint's model is not needed afterwards (no check, no other export): it is dropped once
+    folded, and the backend frees the folded tensors once its files hold them (peak memory at scale)."""
     if target not in TARGETS:
         raise BadInput(f"unknown target {target!r} (choose from {', '.join(TARGETS)})")
     t = TARGETS[target]
@@ -119,10 +123,13 @@ def export_artifact(
         raise Unavailable(f"target {target}: {t.backend} toolchain unavailable ({e})") from None
     progress(f"fold ({layout})")
     fw, fold_report = fold(ckpt, layout)
+    if release_source:
+        ckpt.model = None
+    release_memory()  # the fold report's float64 chunks
     manifest: dict = {}
 
     def write(tmp: Path):
-        extra = backend.export(fw, sch, tmp, ckpt, progress)
+        extra = backend.export(fw, sch, tmp, ckpt, progress)  # fw is single-use: a backend may release() it
         ckpt.tokenizer.save(str(tmp / TOKENIZER))
         (tmp / CONFIG).write_text(ckpt.config.to_json())
         manifest.update(

@@ -85,7 +85,7 @@ class EtDecoder(Decoder):
         load_custom_ops()
         super().__init__(fw, CustomOpAttention)
         if self.layout != "untied":
-            self.head_out = nn.Linear(self.cfg.dim, self.cfg.vocab_size, bias=False)
+            self.head_out = nn.Linear(self.cfg.dim, self.cfg.vocab_size, bias=False, device="meta")
             self.head_out.weight = self.table.weight
 
     def head(self, h: torch.Tensor) -> torch.Tensor:

@@ -34,6 +34,7 @@ from torch import nn
 
 from pit_export.decoder import Decoder, FoldedWeights, grouped_attention
 from pit_export.errors import BadInput
+from pit_export.memory import release_memory
 from pit_export.models.pit import rms_norm
 from pit_export.quantize import Scheme
 
@@ -338,6 +339,8 @@ def to_ort_format(src: Path, dst: Path) -> None:
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     so.optimized_model_filepath = str(dst)
     so.add_session_config_entry("session.save_model_format", "ORT")
+    so.add_session_config_entry("session.disable_prepacking", "1")  # packed weights are not saved: a copy for nothing
+    so.enable_cpu_mem_arena = False
     ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"], disabled_optimizers=["ConstantFolding"])
 
 
@@ -385,6 +388,10 @@ def export(fw: FoldedWeights, scheme: Scheme, out: Path, ckpt, progress=lambda m
     (out / "genai_config.json").write_text(json.dumps(genai_config(fw, ckpt), indent=2))
     if ckpt is not None:
         (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(ckpt, fw.cfg), indent=2))
+    ops = _op_counts(model)
+    del model  # the weights are on disk: ORT reloads them, so neither the graph nor the folded tensors stay beside it
+    fw.release()
+    release_memory()
     progress("onnx: ORT mobile format")
     to_ort_format(out / MODEL, out / ORT_MODEL)
     times["write_s"] = time.perf_counter() - t0
@@ -394,7 +401,7 @@ def export(fw: FoldedWeights, scheme: Scheme, out: Path, ckpt, progress=lambda m
             "opset": OPSET,
             "model_bytes": (out / MODEL).stat().st_size + (out / DATA).stat().st_size,  # what onnxruntime(-genai) loads
             "ort_bytes": (out / ORT_MODEL).stat().st_size,
-            "ops": _op_counts(model),
+            "ops": ops,
             **{k: round(v, 2) for k, v in times.items()},
         },
     }

@@ -110,7 +110,7 @@ def main(argv=None):
         [
             (
                 f"export {t}",
-                ["export", pit, "--target", t, "--scheme", "fp32", "--out", d.parent, "--no-validate", "--json"],
+                ["export", pit, "--target", t, "--scheme", "fp32", "--out", d.parent, "--no-validate", "--force", "--json"],
             )
             for t, d in targets.items()
         ],

@@ -35,6 +35,7 @@ import torch
 
 from pit_export.decoder import CachedAttention, Decoder, EntryPoint, FoldedWeights
 from pit_export.errors import BadInput
+from pit_export.memory import release_memory
 from pit_export.models.checkpoint import scratch_dir
 from pit_export.quantize import Scheme
 from pit_export.runtimes.coreml import causal_mask
@@ -181,15 +182,17 @@ def compress(model, scheme: Scheme):
 
 
 def save_package(models: dict, dest: Path) -> None:
-    """One multifunction .mlpackage; main is the default function."""
+    """One multifunction .mlpackage; main is the default function. Empties `models`: each converted model (its MIL
+    program holds a copy of its weights) is dropped once saved, before the merge loads them all again."""
     import coremltools as ct
 
     desc = ct.utils.MultiFunctionDescriptor()
     with scratch_dir() as tmp:
-        for name, m in models.items():
+        for name in list(models):
             path = str(Path(tmp) / f"{name}.mlpackage")
-            m.save(path)
+            models.pop(name).save(path)
             desc.add_function(path, src_function_name="main", target_function_name=name)
+        release_memory()
         desc.default_function_name = "main"
         ct.utils.save_multifunction(desc, str(dest))
 
@@ -215,9 +218,13 @@ def export(fw: FoldedWeights, scheme: Scheme, out: Path, ckpt, progress) -> dict
     fp32 = scheme.name == "fp32"
     t0 = time.perf_counter()
     dec = CoreMLDecoder(fw, fp32)
+    states = [n.replace(".", "_") for n in dec.state_names()]  # as the converter names them
     progress(f"convert ({'fp32' if fp32 else 'fp16'} compute)")
     with quiet():
         models = convert(dec, fp32)
+    del dec
+    fw.release()  # the converted programs hold the weights now
+    release_memory()
     t1 = time.perf_counter()
     if scheme.linear_bits is not None:
         progress(f"compress ({scheme.name})")
@@ -236,7 +243,7 @@ def export(fw: FoldedWeights, scheme: Scheme, out: Path, ckpt, progress) -> dict
             "compute_precision": "fp32" if fp32 else "fp16",
             "activations": "fp32" if fp32 else "fp16",  # weight-only compression: int8 here is not dynamic int8
             "kv_cache": "fp16 hi + lo state pairs" if fp32 else "fp16 states",
-            "states": [n.replace(".", "_") for n in dec.state_names()],  # as the converter names them
+            "states": states,
             "max_seq_len": cfg.max_seq_len,
             "vocab_size": cfg.vocab_size,
             "mask_neg": MASK_NEG,

@@ -20,6 +20,7 @@ MatMuls around that table: PIT is never silently tied.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import logging
@@ -35,6 +36,7 @@ from torch import nn
 from pit_export.decoder import Decoder, FoldedWeights, grouped_attention
 from pit_export.errors import BadInput
 from pit_export.memory import release_memory
+from pit_export.models.checkpoint import scratch_dir
 from pit_export.models.pit import rms_norm
 from pit_export.quantize import Scheme
 
@@ -90,7 +92,9 @@ class KVDecoder(nn.Module):
 # ---------------------------------------------------------------- fp32 graph
 
 
-def export_fp32(dec: Decoder) -> onnx.ModelProto:
+def export_fp32(dec: Decoder, dest: Path) -> onnx.ModelProto:
+    """Trace the KV decoder and write it to `dest` (+ `dest.data`) straight from the module's own tensors, one
+    tensor at a time: no serialized in-memory copy of the weights. Returns the graph, its weights left on disk."""
     cfg = dec.cfg
     b, s, p = 2, 3, 4  # example sizes > 1 so no dim is specialised; past = 0 works at run time
     past = [torch.zeros(b, cfg.n_kv_heads, p, cfg.head_dim) for _ in range(2 * cfg.n_layers)]
@@ -112,7 +116,23 @@ def export_fp32(dec: Decoder) -> onnx.ModelProto:
             optimize=True,
             verbose=False,
         )
-    return prog.model_proto
+    prog.save(dest, external_data=True)
+    del prog
+    _forget_matched_graphs()
+    return onnx.load(dest, load_external_data=False)
+
+
+def _forget_matched_graphs() -> None:
+    """onnxscript's rewrite rules (module-level singletons used by the exporter's optimizer) keep the last graph
+    they matched, and through its initializers every traced weight: 0.5 GB stayed resident at 135M parameters after
+    the export had returned. Every match() sets these fields again, so clearing them is safe."""
+    from onnxscript.rewriter._matcher import PatternMatcher
+
+    for obj in gc.get_objects():
+        if isinstance(obj, PatternMatcher):
+            for attr in ("_graph", "_current_node", "_match", "_tracer"):
+                if attr in vars(obj):
+                    setattr(obj, attr, None)
 
 
 # ---------------------------------------------------------------- graph edits on the fp32 graph
@@ -138,11 +158,12 @@ def _rename(g: onnx.GraphProto, old: str, new: str) -> None:
         n.output[:] = [new if x == old else x for x in n.output]
 
 
-def canonicalize(model: onnx.ModelProto, layout: str) -> None:
+def canonicalize(model: onnx.ModelProto, layout: str, base_dir: Path) -> None:
     """Name the interface tensors and make the head a MatMul on one d x V initializer that quantizers can see.
 
     dynamo exports the head as MatMul(x, Transpose(W)); W becomes the initializer lm_head.weight = W^T, and in the
-    compact layouts the embedding Gather reads Transpose(lm_head.weight): one table on disk."""
+    compact layouts the embedding Gather reads Transpose(lm_head.weight): one table on disk. Weights may be external
+    (relative to `base_dir`)."""
     g = model.graph
     head = _producer(g, LOGITS)
     tr = _producer(g, head.input[1])
@@ -152,7 +173,7 @@ def canonicalize(model: onnx.ModelProto, layout: str) -> None:
         _rename(g, head.input[1], HEAD_W)
     else:
         w = _init(g, tr.input[0])
-        g.initializer.append(numpy_helper.from_array(numpy_helper.to_array(w).T.copy(), HEAD_W))
+        g.initializer.append(numpy_helper.from_array(numpy_helper.to_array(w, str(base_dir)).T.copy(), HEAD_W))
         head.input[1] = HEAD_W
         g.node.remove(tr)
     gather = next(n for n in g.node if n.op_type == "Gather" and n.input[1] == "input_ids")
@@ -190,12 +211,13 @@ def _toposort(g: onnx.GraphProto) -> None:
 # ---------------------------------------------------------------- quantization
 
 
-def quantize(model: onnx.ModelProto, scheme: Scheme, layout: str) -> onnx.ModelProto:
+def quantize(model: onnx.ModelProto, scheme: Scheme, layout: str, base_dir: Path) -> onnx.ModelProto:
     """Every weight MatMul -> MatMulNBits (block 32); in compact layouts the gather then reads the head's table."""
     if scheme.linear_bits is None:
         if scheme.embedding_bits:
             raise BadInput("onnx: a quantized embedding needs a quantized scheme (int8, int4, 8da4w)")
         return model
+    onnx.load_external_data_for_model(model, str(base_dir))  # the quantizer reads and replaces them in memory
     if scheme.embedding_bits is not None and (scheme.embedding_bits != 4 or scheme.linear_bits != 4):
         raise BadInput("onnx: the separate quantized embedding is 4-bit only (int4+emb4, 8da4w+emb4)")
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
@@ -353,7 +375,8 @@ _GRAPHS: dict[str, bytes] = {}  # folded-weights digest -> canonical fp32 graph:
 CACHE_MAX_BYTES = 256 * 2**20
 
 
-def fp32_graph(fw: FoldedWeights) -> onnx.ModelProto:
+def fp32_graph(fw: FoldedWeights, scratch: Path) -> onnx.ModelProto:
+    """The canonical fp32 graph; a large model's weights stay external, in `scratch`."""
     cacheable = sum(v.numel() * v.element_size() for v in fw.tensors.values()) <= CACHE_MAX_BYTES
     if cacheable:
         h = hashlib.sha256(f"{fw.layout}{fw.cfg.to_json()}".encode())
@@ -362,35 +385,65 @@ def fp32_graph(fw: FoldedWeights) -> onnx.ModelProto:
         key = h.hexdigest()
         if key in _GRAPHS:
             return onnx.load_from_string(_GRAPHS[key])  # a copy: quantization edits it
-    model = export_fp32(Decoder(fw))
-    canonicalize(model, fw.layout)
+    model = export_fp32(Decoder(fw), scratch / "traced.onnx")
+    canonicalize(model, fw.layout, scratch)
     if cacheable:
+        onnx.load_external_data_for_model(model, str(scratch))
         if len(_GRAPHS) >= 4:
             _GRAPHS.pop(next(iter(_GRAPHS)))
         _GRAPHS[key] = model.SerializeToString()
     return model
 
 
+def save_external(model: onnx.ModelProto, dest: Path, base_dir: Path) -> None:
+    """onnx.save_model(..., save_as_external_data=True) for a graph whose weights may still be in another external
+    file: every tensor of 1 KiB or more goes to `DATA`, one at a time. Tensors already external are copied file to
+    file, never through the proto: protobuf keeps a cleared field's bytes in its arena until the whole message goes,
+    so loading them into raw_data would hold every weight until the end."""
+    with open(dest.parent / DATA, "wb") as f:
+        for t in model.graph.initializer:
+            if t.data_location == TensorProto.EXTERNAL:
+                info = {e.key: e.value for e in t.external_data}
+                with open(base_dir / info["location"], "rb") as src:
+                    src.seek(int(info.get("offset", 0)))
+                    data = src.read(int(info["length"])) if "length" in info else src.read()
+            elif len(t.raw_data) >= 1024:
+                data = t.raw_data
+                t.ClearField("raw_data")
+            else:
+                continue
+            del t.external_data[:]
+            for k, v in (("location", DATA), ("offset", str(f.tell())), ("length", str(len(data)))):
+                t.external_data.add(key=k, value=v)
+            t.data_location = TensorProto.EXTERNAL
+            f.write(data)
+            del data
+    onnx.save_model(model, dest)
+
+
 def export(fw: FoldedWeights, scheme: Scheme, out: Path, ckpt, progress=lambda msg: None) -> dict:
     out = Path(out)
     times = {}
-    t0 = time.perf_counter()
-    progress("onnx: torch.onnx.export (dynamo)")
-    model = fp32_graph(fw)
-    times["export_s"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    progress(f"onnx: quantize ({scheme.name})")
-    model = quantize(model, scheme, fw.layout)
-    times["quantize_s"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    onnx.save_model(model, out / MODEL, save_as_external_data=True, location=DATA, size_threshold=1024)
-    write_probes(out, fw.cfg.dim, fw.tensors["inv_gain"].numpy())
+    cfg, inv_gain = fw.cfg, fw.tensors["inv_gain"].numpy().copy()
+    with scratch_dir() as scratch:
+        t0 = time.perf_counter()
+        progress("onnx: torch.onnx.export (dynamo)")
+        model = fp32_graph(fw, scratch)
+        fw.release()  # traced to disk: from here on the weights live in scratch (or, for a small model, in `model`)
+        release_memory()
+        times["export_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        progress(f"onnx: quantize ({scheme.name})")
+        model = quantize(model, scheme, fw.layout, scratch)
+        times["quantize_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        save_external(model, out / MODEL, scratch)
+    write_probes(out, cfg.dim, inv_gain)
     (out / "genai_config.json").write_text(json.dumps(genai_config(fw, ckpt), indent=2))
     if ckpt is not None:
-        (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(ckpt, fw.cfg), indent=2))
+        (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(ckpt, cfg), indent=2))
     ops = _op_counts(model)
-    del model  # the weights are on disk: ORT reloads them, so neither the graph nor the folded tensors stay beside it
-    fw.release()
+    del model  # the weights are on disk: ORT reloads them, so the graph does not stay beside it
     release_memory()
     progress("onnx: ORT mobile format")
     to_ort_format(out / MODEL, out / ORT_MODEL)

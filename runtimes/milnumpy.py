@@ -14,6 +14,7 @@ weights and its state updates compute the model; on macOS the real MLModel.predi
 from __future__ import annotations
 
 import json
+import mmap
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,7 +58,7 @@ def _unpack_bits(raw: np.ndarray, nbits: int, signed: bool, count: int) -> np.nd
 class BlobFile:
     """weight.bin: per blob a 64-byte header (sentinel, MIL dtype, size in bytes, data offset) then the data."""
 
-    data: bytes
+    data: bytes | mmap.mmap  # the file mapped read-only: weights are views into it, shared by every function
 
     def read(self, offset: int, dtype: int, shape: tuple[int, ...]) -> np.ndarray:
         sentinel, _blob_dtype, size, start = struct.unpack_from("<IIQQ", self.data, offset)
@@ -67,7 +68,14 @@ class BlobFile:
         count = int(np.prod(shape, dtype=np.int64))
         if dtype in SUB_BYTE:
             return _unpack_bits(raw, *SUB_BYTE[dtype], count).reshape(shape)
-        return raw.view(DTYPES[dtype])[:count].reshape(shape).copy()
+        return raw.view(DTYPES[dtype])[:count].reshape(shape)  # read-only: an op that wrote to a weight would raise
+
+
+def _map(path: Path) -> bytes | mmap.mmap:
+    if path.stat().st_size == 0:
+        return b""
+    with open(path, "rb") as f:
+        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
 
 
 def _shape(tensor_type) -> tuple[int, ...] | None:
@@ -110,17 +118,33 @@ class MilFunction:
     ops: list[Op]
     consts: dict[str, object] = field(default_factory=dict)
     expanded: list[str] = field(default_factory=list)  # the constexpr op types expanded at load
+    _dead: list[list[str]] | None = None  # per op: the values nothing after it reads
 
     def run(self, feeds: dict[str, np.ndarray], states: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
-        """Evaluate with inputs `feeds`; `states` (name -> array) is read and updated in place."""
+        """Evaluate with inputs `feeds`; `states` (name -> array) is read and updated in place. Each intermediate is
+        dropped after its last reader, as a runtime's memory planner would: a 30-layer prefill kept every
+        activation of every layer alive until the end (~0.9 GB at 135M parameters and 256 positions)."""
+        if self._dead is None:
+            self._dead = _dead_after(self.ops, self.outputs)
         env = dict(self.consts)
         for name in self.inputs:
             env[name] = np.asarray(feeds[name])
         for name in self.states:
             env[name] = StateRef(states, name)
-        for op in self.ops:
+        for op, dead in zip(self.ops, self._dead, strict=True):
             _execute(op, env)
+            for name in dead:
+                del env[name]
         return {name: env[name] for name in self.outputs}
+
+
+def _dead_after(ops: list[Op], outputs: list[str]) -> list[list[str]]:
+    last = {b: i for i, op in enumerate(ops) for binds in op.inputs.values() for b in binds if isinstance(b, str)}
+    dead: list[list[str]] = [[] for _ in ops]
+    for name, i in last.items():
+        if name not in outputs:
+            dead[i].append(name)
+    return dead
 
 
 @dataclass
@@ -155,7 +179,7 @@ def load_program(package: Path) -> dict[str, MilFunction]:
     spec = Model_pb2.Model()
     spec.ParseFromString(spec_path.read_bytes())
     weights = spec_path.parent / "weights" / "weight.bin"
-    blobs = BlobFile(weights.read_bytes() if weights.is_file() else b"")
+    blobs = BlobFile(_map(weights) if weights.is_file() else b"")
     return {name: _function(name, fn, blobs) for name, fn in spec.mlProgram.functions.items()}
 
 

@@ -110,7 +110,19 @@ def main(argv=None):
         [
             (
                 f"export {t}",
-                ["export", pit, "--target", t, "--scheme", "fp32", "--out", d.parent, "--no-validate", "--force", "--json"],
+                [
+                    "export",
+                    pit,
+                    "--target",
+                    t,
+                    "--scheme",
+                    "fp32",
+                    "--out",
+                    d.parent,
+                    "--no-validate",
+                    "--force",
+                    "--json",
+                ],
             )
             for t, d in targets.items()
         ],

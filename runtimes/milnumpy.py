@@ -118,7 +118,7 @@ class MilFunction:
     ops: list[Op]
     consts: dict[str, object] = field(default_factory=dict)
     expanded: list[str] = field(default_factory=list)  # the constexpr op types expanded at load
-    _dead: list[list[str]] | None = None  # per op: the values nothing after it reads
+    _dead: list[list[str]] | None = field(default=None, init=False, repr=False)  # per op: values read last there
 
     def run(self, feeds: dict[str, np.ndarray], states: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
         """Evaluate with inputs `feeds`; `states` (name -> array) is read and updated in place. Each intermediate is

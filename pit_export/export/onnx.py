@@ -217,9 +217,9 @@ def quantize(model: onnx.ModelProto, scheme: Scheme, layout: str, base_dir: Path
         if scheme.embedding_bits:
             raise BadInput("onnx: a quantized embedding needs a quantized scheme (int8, int4, 8da4w)")
         return model
-    onnx.load_external_data_for_model(model, str(base_dir))  # the quantizer reads and replaces them in memory
     if scheme.embedding_bits is not None and (scheme.embedding_bits != 4 or scheme.linear_bits != 4):
         raise BadInput("onnx: the separate quantized embedding is 4-bit only (int4+emb4, 8da4w+emb4)")
+    onnx.load_external_data_for_model(model, str(base_dir))  # the quantizer reads and replaces them in memory
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
@@ -400,13 +400,15 @@ def save_external(model: onnx.ModelProto, dest: Path, base_dir: Path) -> None:
     file: every tensor of 1 KiB or more goes to `DATA`, one at a time. Tensors already external are copied file to
     file, never through the proto: protobuf keeps a cleared field's bytes in its arena until the whole message goes,
     so loading them into raw_data would hold every weight until the end."""
+    from onnx.external_data_helper import ExternalDataInfo
+
     with open(dest.parent / DATA, "wb") as f:
         for t in model.graph.initializer:
             if t.data_location == TensorProto.EXTERNAL:
-                info = {e.key: e.value for e in t.external_data}
-                with open(base_dir / info["location"], "rb") as src:
-                    src.seek(int(info.get("offset", 0)))
-                    data = src.read(int(info["length"])) if "length" in info else src.read()
+                info = ExternalDataInfo(t)
+                with open(base_dir / info.location, "rb") as src:
+                    src.seek(info.offset or 0)
+                    data = src.read() if info.length is None else src.read(info.length)
             elif len(t.raw_data) >= 1024:
                 data = t.raw_data
                 t.ClearField("raw_data")

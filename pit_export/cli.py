@@ -218,10 +218,9 @@ def _validate_sessions(ckpt, openers, scheme, n_windows, n_greedy, threads, json
     """Validate each (label, opener) against the training graph; prints tables, returns results.
 
     The reference is recorded once, before any artifact is opened; with `release` the checkpoint's model is dropped
-    then (only its float64 embed/unembed tables stay), so the reference and an artifact are never in memory
+    then (only its embed/unembed tables stay), so the reference and an artifact are never in memory
     together."""
-    import gc
-
+    from pit_export.memory import release_memory
     from pit_export.pipeline import heldout
     from pit_export.runtimes.pytorch import ReferenceSession
     from pit_export.validate import Reference, ValidateConfig, gates_for
@@ -235,7 +234,7 @@ def _validate_sessions(ckpt, openers, scheme, n_windows, n_greedy, threads, json
         p.remove_task(task)
         if release:
             ckpt.model = None
-            gc.collect()
+            release_memory()
         for label, opener in openers:
             task = p.add_task(label, total=None)
             sess = opener()

@@ -129,9 +129,13 @@ def reference_interface(model: Transformer) -> torch.Tensor:
 INTERFACE_PARAMS = {"pit": ("z",), "tok_embeddings": ("weight",), "output": ("weight",)}  # what embed/unembed read
 
 
-def float64_interface(model: Transformer, tokens: slice | None = None) -> Transformer:
-    """A float64 view of the model's embed/unembed only, optionally restricted to a token range (the V-sized
-    parameters sliced): the body stays shared and fp32, so a large model's reference interface costs a chunk."""
+def float64_interface(
+    model: Transformer, tokens: slice | torch.Tensor | None = None, dtype=torch.float64
+) -> Transformer:
+    """A float64 view of the model's embed/unembed only, optionally restricted to tokens (a range or ids: the V-sized
+    parameters sliced): the body stays shared and fp32, so a large model's reference interface costs a chunk. The
+    tables are always copies (dtype=torch.float32: an fp32 copy): a view would pin the model's whole storage, which
+    for a memory-mapped checkpoint is every weight."""
     import copy
 
     m = copy.copy(model)
@@ -141,7 +145,12 @@ def float64_interface(model: Transformer, tokens: slice | None = None) -> Transf
             continue
         sub = m._modules[name] = copy.copy(mod)
         sub._parameters = {
-            k: p if p is None else nn.Parameter((p[tokens] if tokens and k in INTERFACE_PARAMS[name] else p).double())
+            k: p
+            if p is None
+            else nn.Parameter(
+                (p[tokens] if tokens is not None and k in INTERFACE_PARAMS[name] else p).to(dtype, copy=True),
+                requires_grad=False,
+            )
             for k, p in mod._parameters.items()
         }
     return m

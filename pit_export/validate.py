@@ -162,12 +162,16 @@ def greedy_agreement(ref: Reference, art: Session) -> dict[str, float]:
 def interface_metrics(ref: Reference, art: Session, chunk: int = 128, details: dict | None = None) -> dict[str, float]:
     """W_out E vs the reference product and the token round trip, through art's own embed/unembed."""
     d, V = art.hidden_size, art.vocab_size
-    W = art.unembed(np.eye(d, dtype=np.float32))  # d x V
     from pit_export.fold import vocab_chunks
 
+    # W E = sum over token chunks of W[:, c] E[c] in float64, W by blocks of its d rows (unembed of identity rows):
+    # no d x V or V x d table is held whole, so the probes' own weights are the only full-size memory here
     WE = np.zeros((d, d))
-    for c in vocab_chunks(V):  # sum over token slices in float64: no V x d float64 copies
-        WE += W[:, c].astype(np.float64) @ art.embed(np.arange(c.start, c.stop)).astype(np.float64)
+    eye = np.eye(d, dtype=np.float32)
+    for r in range(0, d, chunk):
+        W_r = art.unembed(eye[r : r + chunk])  # rows x V
+        for c in vocab_chunks(V):
+            WE[r : r + chunk] += W_r[:, c].astype(np.float64) @ art.embed(np.arange(c.start, c.stop)).astype(np.float64)
     err = WE - ref.interface_target
     rt_max, rt_agree = 0.0, 0
     for s in range(0, V, chunk):
@@ -264,7 +268,7 @@ class Reference:
         self.greedy_prompt = self.windows[-1, : cfg.prompt_len].tolist()
         self.greedy = greedy_generate(ref, self.greedy_prompt, cfg.n_greedy)
         self.interface_target = ref.interface_target()
-        self.round_trip_target = ref.round_trip_fn()  # a float64 copy of the embed/unembed tables only
+        self.round_trip_target = ref.round_trip_fn()  # holds the fp32 embed/unembed tables only
         self.vocab_size = ref.vocab_size
 
     def window_logits(self, i: int) -> np.ndarray:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import weakref
-
 import numpy as np
 import torch
 from pit_export.models.pit import Transformer
@@ -48,13 +46,19 @@ class ReferenceSession:
         return self.round_trip_fn()(tokens)
 
     def round_trip_fn(self):
-        """round_trip_target as a function that holds a float64 copy of the embed/unembed tables only, not the
-        model: a validation can keep it after dropping the body."""
-        m = _f64(self.model)
+        """round_trip_target as a function that holds an fp32 copy of the model's embed/unembed tables only (not
+        the body, no float64 table): a validation keeps it after dropping the model. Each call computes in float64,
+        one vocab chunk of the head at a time."""
+        from pit_export.fold import float64_interface, vocab_chunks
+
+        base = float64_interface(self.model, dtype=torch.float32)
+        chunks = vocab_chunks(self.vocab_size)
 
         @torch.no_grad()
         def target(tokens) -> np.ndarray:
-            return m.unembed(m.embed(torch.as_tensor(np.asarray(tokens), dtype=torch.long))).numpy()
+            ids = torch.as_tensor(np.asarray(tokens), dtype=torch.long).reshape(-1)
+            h = float64_interface(base, ids).embed(torch.arange(len(ids)))
+            return torch.cat([float64_interface(base, c).unembed(h) for c in chunks], -1).numpy()
 
         return target
 
@@ -68,19 +72,6 @@ class ReferenceSession:
 
     def close(self):
         pass
-
-
-# weak keys: an entry goes with its model (an id() key could be reused by the next model loaded)
-_F64_CACHE: weakref.WeakKeyDictionary[Transformer, Transformer] = weakref.WeakKeyDictionary()
-
-
-def _f64(model: Transformer) -> Transformer:
-    from pit_export.fold import float64_interface
-
-    if model not in _F64_CACHE:
-        _F64_CACHE.clear()
-        _F64_CACHE[model] = float64_interface(model)
-    return _F64_CACHE[model]
 
 
 class FoldedSession:

@@ -120,7 +120,7 @@ def reference_interface(model: Transformer) -> torch.Tensor:
     eye = torch.eye(model.cfg.dim, dtype=torch.float64)
     acc = torch.zeros_like(eye)
     for c in vocab_chunks(model.cfg.vocab_size):
-        m = float64_interface(model, c)
+        m = interface_model(model, c)
         with torch.no_grad():
             acc += m.unembed(eye) @ m.embed(torch.arange(c.stop - c.start))
     return acc
@@ -129,13 +129,11 @@ def reference_interface(model: Transformer) -> torch.Tensor:
 INTERFACE_PARAMS = {"pit": ("z",), "tok_embeddings": ("weight",), "output": ("weight",)}  # what embed/unembed read
 
 
-def float64_interface(
-    model: Transformer, tokens: slice | torch.Tensor | None = None, dtype=torch.float64
-) -> Transformer:
-    """A float64 view of the model's embed/unembed only, optionally restricted to tokens (a range or ids: the V-sized
-    parameters sliced): the body stays shared and fp32, so a large model's reference interface costs a chunk. The
-    tables are always copies (dtype=torch.float32: an fp32 copy): a view would pin the model's whole storage, which
-    for a memory-mapped checkpoint is every weight."""
+def interface_model(model: Transformer, tokens: slice | torch.Tensor | None = None, dtype=torch.float64) -> Transformer:
+    """A copy of the model's embed/unembed only (float64 unless `dtype` says otherwise), optionally restricted to
+    tokens (a range or ids: the V-sized parameters sliced): the body stays shared and fp32, so a large model's
+    reference interface costs a chunk. The tables are always copies, never views: a view would pin the model's whole
+    storage, which for a memory-mapped checkpoint is every weight."""
     import copy
 
     m = copy.copy(model)

@@ -23,9 +23,9 @@ K = 10
 
 def tables(model) -> tuple[torch.Tensor, torch.Tensor]:
     """(E, W) in float64 from a training-graph Transformer."""
-    from pit_export.fold import float64_interface
+    from pit_export.fold import interface_model
 
-    m = float64_interface(model)
+    m = interface_model(model)
     with torch.no_grad():
         E = m.embed(torch.arange(model.cfg.vocab_size))
         W = m.unembed(torch.eye(model.cfg.dim, dtype=torch.float64)).T

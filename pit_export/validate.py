@@ -165,7 +165,8 @@ def interface_metrics(ref: Reference, art: Session, chunk: int = 128, details: d
     from pit_export.fold import vocab_chunks
 
     # W E = sum over token chunks of W[:, c] E[c] in float64, W by blocks of its d rows (unembed of identity rows):
-    # no d x V or V x d table is held whole, so the probes' own weights are the only full-size memory here
+    # no d x V or V x d table is held whole, so the probes' own weights are the only full-size memory here. The price:
+    # each token chunk is embedded once per row block (d / chunk times)
     WE = np.zeros((d, d))
     eye = np.eye(d, dtype=np.float32)
     for r in range(0, d, chunk):

@@ -41,24 +41,20 @@ class ReferenceSession:
     def unembed(self, hidden):
         return self.model.unembed(torch.as_tensor(np.asarray(hidden, dtype=np.float32))).numpy()
 
-    def round_trip_target(self, tokens) -> np.ndarray:
-        """head(embed(t)) in float64 from the training graph: z_t Z^T for PIT."""
-        return self.round_trip_fn()(tokens)
-
     def round_trip_fn(self):
-        """round_trip_target as a function that holds an fp32 copy of the model's embed/unembed tables only (not
-        the body, no float64 table): a validation keeps it after dropping the model. Each call computes in float64,
-        one vocab chunk of the head at a time."""
-        from pit_export.fold import float64_interface, vocab_chunks
+        """The round-trip target head(embed(t)) in float64 from the training graph (z_t Z^T for PIT), as a function
+        that holds an fp32 copy of the model's embed/unembed tables only (not the body, no float64 table): a
+        validation keeps it after dropping the model. Each call computes one vocab chunk of the head at a time."""
+        from pit_export.fold import interface_model, vocab_chunks
 
-        base = float64_interface(self.model, dtype=torch.float32)
+        base = interface_model(self.model, dtype=torch.float32)
         chunks = vocab_chunks(self.vocab_size)
 
         @torch.no_grad()
         def target(tokens) -> np.ndarray:
             ids = torch.as_tensor(np.asarray(tokens), dtype=torch.long).reshape(-1)
-            h = float64_interface(base, ids).embed(torch.arange(len(ids)))
-            return torch.cat([float64_interface(base, c).unembed(h) for c in chunks], -1).numpy()
+            h = interface_model(base, ids).embed(torch.arange(len(ids)))
+            return torch.cat([interface_model(base, c).unembed(h) for c in chunks], -1).numpy()
 
         return target
 

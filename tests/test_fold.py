@@ -12,7 +12,7 @@ from pit_export.runtimes.pytorch import FoldedSession, ReferenceSession
 
 from pit_export.decoder import LAYOUTS, Decoder
 from pit_export.errors import BadInput
-from pit_export.fold import INTERFACE_PARAMS, U32, float64_interface, fold, layouts_for
+from pit_export.fold import INTERFACE_PARAMS, U32, fold, interface_model, layouts_for
 from pit_export.validate import GATES, ValidateConfig, eval_windows, validate
 
 from .conftest import random_pit
@@ -132,9 +132,11 @@ def test_recorded_reference_outlives_the_model(heldout):
     live = validate(ReferenceSession(ck.model), FoldedSession(fw), heldout, "fp32", cfg)
     ref = Reference(ReferenceSession(ck.model), heldout, cfg, ck.config.max_seq_len)
     # the kept tables are copies: a view would pin the checkpoint's whole (memory-mapped) storage, every weight
-    view = float64_interface(ck.model, dtype=torch.float32)
+    kept_model = interface_model(ck.model, dtype=torch.float32)
     model_storages = {p.untyped_storage().data_ptr() for p in ck.model.parameters()}
-    kept = [p for name in INTERFACE_PARAMS if name in view._modules for p in view._modules[name].parameters()]
+    kept = [
+        p for name in INTERFACE_PARAMS if name in kept_model._modules for p in kept_model._modules[name].parameters()
+    ]
     assert kept and not model_storages & {p.untyped_storage().data_ptr() for p in kept}
     model, ck.model = weakref.ref(ck.model), None
     gc.collect()

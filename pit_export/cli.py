@@ -218,8 +218,8 @@ def _validate_sessions(ckpt, openers, scheme, n_windows, n_greedy, threads, json
     """Validate each (label, opener) against the training graph; prints tables, returns results.
 
     The reference is recorded once, before any artifact is opened; with `release` the checkpoint's model is dropped
-    then (only its embed/unembed tables stay), so the reference and an artifact are never in memory
-    together."""
+    then (its logits and embed/unembed tables wait in temporary files), so the reference and an artifact are never in
+    memory together."""
     from pit_export.memory import release_memory
     from pit_export.pipeline import heldout
     from pit_export.runtimes.pytorch import ReferenceSession

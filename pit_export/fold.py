@@ -129,11 +129,17 @@ def reference_interface(model: Transformer) -> torch.Tensor:
 INTERFACE_PARAMS = {"pit": ("z",), "tok_embeddings": ("weight",), "output": ("weight",)}  # what embed/unembed read
 
 
-def interface_model(model: Transformer, tokens: slice | torch.Tensor | None = None, dtype=torch.float64) -> Transformer:
+def interface_model(
+    model: Transformer,
+    tokens: slice | torch.Tensor | None = None,
+    dtype=torch.float64,
+    tables: dict[str, torch.Tensor] | None = None,
+) -> Transformer:
     """A copy of the model's embed/unembed only (float64 unless `dtype` says otherwise), optionally restricted to
-    tokens (a range or ids: the V-sized parameters sliced): the body stays shared and fp32, so a large model's
-    reference interface costs a chunk. The tables are always copies, never views: a view would pin the model's whole
-    storage, which for a memory-mapped checkpoint is every weight."""
+    tokens (a range or ids: the V-sized parameters sliced) or with those parameters replaced by `tables` (rows read
+    elsewhere, keyed as interface_tables names them): the body stays shared and fp32, so a large model's reference
+    interface costs a chunk. The tables are always copies, never views: a view would pin the model's whole storage,
+    which for a memory-mapped checkpoint is every weight."""
     import copy
 
     m = copy.copy(model)
@@ -142,16 +148,23 @@ def interface_model(model: Transformer, tokens: slice | torch.Tensor | None = No
         if name not in INTERFACE_PARAMS:
             continue
         sub = m._modules[name] = copy.copy(mod)
-        sub._parameters = {
-            k: p
-            if p is None
-            else nn.Parameter(
-                (p[tokens] if tokens is not None and k in INTERFACE_PARAMS[name] else p).to(dtype, copy=True),
-                requires_grad=False,
-            )
-            for k, p in mod._parameters.items()
-        }
+        params = {}
+        for k, p in mod._parameters.items():
+            if p is not None and k in INTERFACE_PARAMS[name]:
+                p = tables[f"{name}.{k}"] if tables is not None else p[tokens] if tokens is not None else p
+            params[k] = None if p is None else nn.Parameter(p.to(dtype, copy=True), requires_grad=False)
+        sub._parameters = params
     return m
+
+
+def interface_tables(model: Transformer) -> dict[str, torch.Tensor]:
+    """The V-sized parameters embed/unembed read, as "module.param"."""
+    return {
+        f"{name}.{k}": p
+        for name, mod in model._modules.items()
+        for k, p in mod._parameters.items()
+        if name in INTERFACE_PARAMS and k in INTERFACE_PARAMS[name] and p is not None
+    }
 
 
 def interface_matrices(dec: Decoder) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,13 +8,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pit_export.memory import release_memory
+
 from .base import quiet_native_stderr, register
 
 
 class ExecuTorchSession:
     """forward keeps the KV cache as program state between calls. reset() needs no work: attention reads the cache
     only up to the current position (llama::custom_sdpa), so a new sequence from position 0 never reads stale entries
-    (tests/test_executorch.py checks this against a fresh program)."""
+    (tests/test_executorch.py checks this against a fresh program).
+
+    One group of methods is resident at a time, forward or the embed/unembed probes: each holds its own XNNPACK-packed
+    weights (the head twice), so a validation switching to the probes reloads the program with only them, and
+    prefill reloads forward, whose cache then starts empty (a prefill must start where the cache ends)."""
 
     def __init__(self, folder: Path, threads: int | None = None, profile_dir: str | None = None):
         from executorch.runtime import Runtime
@@ -29,19 +35,19 @@ class ExecuTorchSession:
 
             load_custom_ops()
         data = folder / et["data"] if et.get("data") else None  # shared layouts keep weights in model.ptd
-        with quiet_native_stderr():
-            if threads:
-                from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
+        self.pte, self.data, self.runtime = folder / et["program"], data, Runtime.get()
+        if threads:
+            from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
 
+            with quiet_native_stderr():
                 _unsafe_reset_threadpool(threads)
-            self.program = Runtime.get().load_program(folder / et["program"], data_path=data)
-            self.methods = {m: self.program.load_method(m) for m in ("forward", "embed", "unembed")}
-        self.profile_dir = profile_dir
+        self.program, self.methods, self.filled = None, {}, 0
+        self.profile_dir, self._traced = profile_dir, None
         if profile_dir:  # forward through a module that records an ETDump (per-op times, XNNPACK ops included)
             from executorch.extension.pybindings.portable_lib import _load_for_executorch
 
-            self._traced = _load_for_executorch(str(folder / et["program"]), str(data) if data else None, True)
-            self.methods["forward"] = _TracedMethod(self._traced, "forward")
+            self._traced = _load_for_executorch(str(self.pte), str(data) if data else None, True)
+        self._load("forward")
         md = et["metadata"]
         self.name = f"executorch xnnpack ({meta['scheme']}, {meta['layout']})"
         self.scheme, self.layout = meta["scheme"], meta["layout"]
@@ -49,15 +55,36 @@ class ExecuTorchSession:
         self.hidden_size = json.loads((folder / "config.json").read_text())["dim"]
         self.max_rows = et.get("probe_rows", {"embed": self.vocab_size, "unembed": self.vocab_size})
 
+    def _load(self, method: str) -> None:
+        """Make the group holding `method` the resident one, releasing the other group's program first."""
+        group = ("forward",) if method == "forward" else ("embed", "unembed")
+        self.methods.clear()
+        self.program = None
+        release_memory()
+        with quiet_native_stderr():
+            self.program = self.runtime.load_program(self.pte, data_path=self.data)
+            self.methods = {m: self.program.load_method(m) for m in group if not (m == "forward" and self._traced)}
+        if self._traced and method == "forward":
+            self.methods["forward"] = _TracedMethod(self._traced, "forward")
+        self.filled = 0 if method == "forward" else self.filled
+
     def _run(self, method: str, *inputs: torch.Tensor) -> np.ndarray:
+        if method not in self.methods:
+            self._load(method)
         return self.methods[method].execute(list(inputs))[0].numpy()
 
     def prefill(self, tokens, start_pos):
         tokens = torch.as_tensor(np.asarray(tokens), dtype=torch.long)
         if not 0 <= start_pos <= start_pos + len(tokens) <= self.max_seq_len or len(tokens) == 0:
             raise ValueError(f"positions {start_pos}..{start_pos + len(tokens)} outside 1..{self.max_seq_len}")
+        if "forward" not in self.methods:
+            self._load("forward")
+        if start_pos > self.filled:
+            raise ValueError(f"prefill at {start_pos} does not follow the cache, filled up to {self.filled}")
         pos = torch.arange(start_pos, start_pos + len(tokens))
-        return self._run("forward", tokens[None], pos)[0]
+        out = self._run("forward", tokens[None], pos)[0]
+        self.filled = start_pos + len(tokens)
+        return out
 
     def decode(self, token, pos):
         return self.prefill(np.array([token]), pos)[0]
@@ -93,11 +120,11 @@ class ExecuTorchSession:
         return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
     def reset(self):
-        pass
+        self.filled = 0
 
     def close(self):
         self.methods.clear()
-        self.program = None
+        self.program = self._traced = None
 
 
 WRAPPERS = {"Method::execute", "OPERATOR_CALL", "DELEGATE_CALL"}

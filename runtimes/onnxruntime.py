@@ -24,7 +24,9 @@ def _session(path: Path, threads: int | None, profile_dir: str | None = None) ->
 
 class OrtSession:
     """prefill/decode feed the kept present k/v back as past, truncated to start_pos (positions >= start_pos are
-    recomputed); batch 1."""
+    recomputed); batch 1. One graph is resident at a time: the embed/unembed probes open on first use and close the
+    model's session, which prefill reopens (the KV cache lives here, in numpy, so a reopened session continues it);
+    a validation thus never holds the model's weights and the probes' tables together."""
 
     def __init__(self, path, threads: int | None = None, model_file: str = "model.onnx", profile_dir=None):
         path = Path(path)
@@ -34,8 +36,9 @@ class OrtSession:
         self.name = f"onnxruntime {model_file} ({self.scheme}, {meta.get('layout', '?')})"
         self.vocab_size, self.hidden_size, self.max_seq_len = cfg["vocab_size"], cfg["dim"], cfg["max_seq_len"]
         self.kv_shape = (1, cfg["n_kv_heads"], 0, cfg["dim"] // cfg["n_heads"])
-        self.model = _session(path / model_file, threads, profile_dir)
-        self.path, self.threads = path, threads
+        self.path, self.threads, self.model_file, self.profile_dir = path, threads, model_file, profile_dir
+        self.model: ort.InferenceSession | None = None
+        self._open_model()
         self._probes: dict[str, ort.InferenceSession] = {}  # embed/unembed, opened on first use: each holds the table
         for name in ("embed", "unembed"):
             if not (path / f"{name}.onnx").is_file():
@@ -58,15 +61,22 @@ class OrtSession:
             "position_ids": np.arange(start_pos, start_pos + n, dtype=np.int64)[None],
         }
         feeds |= {k: p[:, :, :start_pos] for k, p in zip(self.past_names, self.past, strict=True)}
-        logits, *present = self.model.run(self.out_names, feeds)
+        logits, *present = self._open_model().run(self.out_names, feeds)
         self.past = present
         return logits[0]
 
     def decode(self, token, pos):
         return self.prefill(np.array([token]), pos)[0]
 
+    def _open_model(self) -> ort.InferenceSession:
+        if self.model is None:
+            self._probes = {}
+            self.model = _session(self.path / self.model_file, self.threads, self.profile_dir)
+        return self.model
+
     def _probe(self, name: str) -> ort.InferenceSession:
         if name not in self._probes:
+            self.model = None
             try:
                 self._probes[name] = _session(self.path / f"{name}.onnx", self.threads)
             except ort.capi.onnxruntime_pybind11_state.Fail as e:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tempfile
+
 import numpy as np
 import torch
 from pit_export.models.pit import Transformer
@@ -43,19 +45,23 @@ class ReferenceSession:
 
     def round_trip_fn(self):
         """The round-trip target head(embed(t)) in float64 from the training graph (z_t Z^T for PIT), as a function
-        that holds an fp32 copy of the model's embed/unembed tables only (not the body, no float64 table): a
-        validation keeps it after dropping the model. Each call computes one vocab chunk of the head at a time."""
-        from pit_export.fold import interface_model, vocab_chunks
+        of (tokens, vocab slice or None for all) that a validation keeps after dropping the model: it holds the
+        interface's small parameters, while its V-sized tables wait in a temporary file (fp32) and each call reads
+        the rows it needs, so an artifact opened next never shares memory with a reference table."""
+        from pit_export.fold import interface_model, interface_tables, vocab_chunks
 
-        base = interface_model(self.model, dtype=torch.float32)
-        chunks = vocab_chunks(self.vocab_size)
+        rows = RowFile(interface_tables(self.model))
+        base = interface_model(self.model, slice(0, 0), torch.float32)  # all but the tables' rows
+        all_chunks = vocab_chunks(self.vocab_size)  # (the closure must not hold self: it would keep the model)
 
         @torch.no_grad()
-        def target(tokens) -> np.ndarray:
-            ids = torch.as_tensor(np.asarray(tokens), dtype=torch.long).reshape(-1)
-            h = interface_model(base, ids).embed(torch.arange(len(ids)))
-            return torch.cat([interface_model(base, c).unembed(h) for c in chunks], -1).numpy()
+        def target(tokens, vocab: slice | None = None) -> np.ndarray:
+            ids = np.asarray(tokens).reshape(-1)
+            h = interface_model(base, tables=rows.read(ids)).embed(torch.arange(len(ids)))
+            chunks = [vocab] if vocab is not None else all_chunks
+            return torch.cat([interface_model(base, tables=rows.read(c)).unembed(h) for c in chunks], -1).numpy()
 
+        target.close = rows.close
         return target
 
     def interface_target(self) -> np.ndarray:
@@ -68,6 +74,33 @@ class ReferenceSession:
 
     def close(self):
         pass
+
+
+class RowFile:
+    """fp32 tables spilled to a temporary file, read back by rows (a slice or token ids) into fresh tensors."""
+
+    def __init__(self, tables: dict[str, torch.Tensor]):
+        self.file = tempfile.TemporaryFile(prefix="pit-tables-")
+        self.layout: dict[str, tuple[int, tuple[int, ...]]] = {}  # name -> (offset in floats, shape)
+        offset = 0
+        for name, t in tables.items():
+            for c in torch.split(t.detach(), 4096):  # chunks: never a second whole table in memory
+                c.to(torch.float32).contiguous().numpy().tofile(self.file)
+            self.layout[name] = (offset, tuple(t.shape))
+            offset += t.numel()
+        self.file.flush()
+
+    def read(self, rows: slice | np.ndarray) -> dict[str, torch.Tensor]:
+        out = {}
+        mm = np.memmap(self.file, np.float32, "r")  # unmapped on return: only the copied rows stay resident
+        for name, (offset, shape) in self.layout.items():
+            table = mm[offset : offset + int(np.prod(shape))].reshape(shape)
+            out[name] = torch.from_numpy(np.array(table[rows]))
+        del mm
+        return out
+
+    def close(self) -> None:
+        self.file.close()
 
 
 class FoldedSession:

@@ -47,6 +47,21 @@ def test_reset_needs_no_cache_clearing(fp32_dir, fp32_session, heldout):
     fresh.close()
 
 
+def test_probes_and_forward_take_turns(fp32_session, heldout):
+    """One method group is resident at a time: the probes unload forward (and its cache), forward comes back for
+    a prefill from position 0 with the same logits, and a prefill that does not follow the cache is refused."""
+    from pit_export.errors import BadInput
+
+    fp32_session.reset()
+    before = fp32_session.prefill(heldout[1, :50], 0)
+    fp32_session.unembed(fp32_session.embed(heldout[1, :4]))
+    assert set(fp32_session.inner.methods) == {"embed", "unembed"}
+    with pytest.raises((ValueError, BadInput), match="does not follow the cache"):
+        fp32_session.prefill(heldout[1, 50:52], 50)
+    assert np.array_equal(fp32_session.prefill(heldout[1, :50], 0), before)
+    assert set(fp32_session.inner.methods) == {"forward"}
+
+
 def test_prefill_bounds_cover_the_context(fp32_session, heldout):
     """The dynamic sequence dimension reaches max_seq_len (not max - 1) and decode continues a chunked prefill."""
     n = fp32_session.max_seq_len

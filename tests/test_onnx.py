@@ -133,6 +133,22 @@ def test_chunked_prefill_and_rewind_match_one_shot(artifact, heldout):
     np.testing.assert_allclose(dec, full[70], atol=1e-4)
 
 
+def test_probes_and_model_take_turns_without_losing_the_cache(artifact, heldout):
+    """The probes close the model's session and prefill reopens it (one graph resident at a time): the KV cache lives
+    in the session, so a decode after an embed/unembed continues the sequence exactly."""
+    s = open_session(artifact("fp32", "shared-z"))
+    w = np.asarray(heldout[0, :41], dtype=np.int64)
+    s.prefill(w[:40], 0)
+    straight = s.decode(int(w[40]), 40)
+    s.prefill(w[:40], 0)
+    h = s.embed(w[:3])
+    assert s.inner.model is None and set(s.inner._probes) == {"embed"}
+    s.unembed(h)
+    assert np.array_equal(s.decode(int(w[40]), 40), straight)
+    assert s.inner.model is not None and not s.inner._probes
+    s.close()
+
+
 @pytest.mark.parametrize("scheme", ["fp32", "int4"])
 def test_ort_mobile_format_matches(artifact, heldout, scheme):
     path = artifact(scheme, "shared-z")

@@ -118,6 +118,8 @@ def test_recorded_reference_outlives_the_model(heldout):
     is opened (what keeps `pit-export validate` within memory at scale) and the verdict is the one the live model
     gives."""
     import gc
+    import sys
+    import types
     import weakref
 
     from pit_export.models.checkpoint import load_checkpoint
@@ -141,6 +143,19 @@ def test_recorded_reference_outlives_the_model(heldout):
     model, ck.model = weakref.ref(ck.model), None
     gc.collect()
     assert model() is None
+    # nothing vocabulary-sized stays in memory with the recording: logits and tables wait in its files (the walk
+    # stops at modules' globals, which reach everything the test session holds)
+    V, todo, big = ck.config.vocab_size, [ref], []
+    seen = {id(vars(m)) for m in list(sys.modules.values()) if m is not None and hasattr(m, "__dict__")}
+    while todo:
+        o = todo.pop()
+        if id(o) in seen or isinstance(o, type | types.ModuleType):
+            continue
+        seen.add(id(o))
+        if isinstance(o, torch.Tensor | np.ndarray) and V in o.shape:
+            big.append(tuple(o.shape))
+        todo += gc.get_referents(o)
+    assert not big
     recorded = validate(ref, FoldedSession(fw), scheme="fp32", cfg=cfg)
     ref.close()
     assert recorded.metrics == live.metrics and recorded.passed

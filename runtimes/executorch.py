@@ -66,7 +66,7 @@ class ExecuTorchSession:
             self.methods = {m: self.program.load_method(m) for m in group if not (m == "forward" and self._traced)}
         if self._traced and method == "forward":
             self.methods["forward"] = _TracedMethod(self._traced, "forward")
-        self.filled = 0 if method == "forward" else self.filled
+        self.filled = 0  # a reloaded program's cache is empty
 
     def _run(self, method: str, *inputs: torch.Tensor) -> np.ndarray:
         if method not in self.methods:

@@ -183,8 +183,7 @@ def interface_metrics(ref: Reference, art: Session, chunk: int = 128, details: d
         toks = np.arange(s, min(V, s + chunk))
         got = art.unembed(art.embed(toks))
         best, best_arg = np.full(len(toks), -np.inf), np.zeros(len(toks), dtype=np.int64)
-        for c in vocab_chunks(V):
-            want = ref.round_trip_target(toks, c)
+        for c, want in ref.round_trip_target(toks):
             rt_max = max(rt_max, float(np.abs(got[:, c].astype(np.float64) - want).max()))
             m, arg = want.max(-1), want.argmax(-1) + c.start
             better = m > best  # strict: ties keep the first index, as argmax over the whole row does
@@ -278,7 +277,7 @@ class Reference:
         self.greedy_prompt = self.windows[-1, : cfg.prompt_len].tolist()
         self.greedy = greedy_generate(ref, self.greedy_prompt, cfg.n_greedy)
         self.interface_target = ref.interface_target()
-        self.round_trip_target = ref.round_trip_fn()  # (tokens, vocab slice) -> float64 target; no table in memory
+        self.round_trip_target = ref.round_trip_fn()  # tokens -> (vocab slice, float64 target); no table in memory
         self.vocab_size = ref.vocab_size
 
     def window_logits(self, i: int, positions: slice = slice(None)) -> np.ndarray:
@@ -290,7 +289,7 @@ class Reference:
 
     def close(self) -> None:
         self._file.close()
-        getattr(self.round_trip_target, "close", lambda: None)()
+        self.round_trip_target.close()
 
 
 def validate(

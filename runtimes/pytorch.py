@@ -45,21 +45,22 @@ class ReferenceSession:
 
     def round_trip_fn(self):
         """The round-trip target head(embed(t)) in float64 from the training graph (z_t Z^T for PIT), as a function
-        of (tokens, vocab slice or None for all) that a validation keeps after dropping the model: it holds the
-        interface's small parameters, while its V-sized tables wait in a temporary file (fp32) and each call reads
-        the rows it needs, so an artifact opened next never shares memory with a reference table."""
+        of tokens that yields (vocab slice, target columns) one vocab chunk at a time, and that a validation keeps
+        after dropping the model: it holds the interface's small parameters, while its V-sized tables wait in a
+        temporary file (fp32) and each step reads the rows it needs, so an artifact opened next never shares memory
+        with a reference table."""
         from pit_export.fold import interface_model, interface_tables, vocab_chunks
 
         rows = RowFile(interface_tables(self.model))
         base = interface_model(self.model, slice(0, 0), torch.float32)  # all but the tables' rows
-        all_chunks = vocab_chunks(self.vocab_size)  # (the closure must not hold self: it would keep the model)
+        chunks = vocab_chunks(self.vocab_size)  # (the closure must not hold self: it would keep the model)
 
         @torch.no_grad()
-        def target(tokens, vocab: slice | None = None) -> np.ndarray:
+        def target(tokens):
             ids = np.asarray(tokens).reshape(-1)
-            h = interface_model(base, tables=rows.read(ids)).embed(torch.arange(len(ids)))
-            chunks = [vocab] if vocab is not None else all_chunks
-            return torch.cat([interface_model(base, tables=rows.read(c)).unembed(h) for c in chunks], -1).numpy()
+            h = interface_model(base, tables=rows.read(ids)).embed(torch.arange(len(ids)))  # once per call
+            for c in chunks:
+                yield c, interface_model(base, tables=rows.read(c)).unembed(h).numpy()
 
         target.close = rows.close
         return target

@@ -1,4 +1,4 @@
-"""Give freed heap back to the OS between pipeline stages.
+"""Give freed heap back to the OS between pipeline stages, or never take it (run_forked).
 
 glibc serves the many mid-sized tensors of a stage (fold's float64 chunks, a toolchain's temporaries) from its heap
 and keeps the pages after they are freed, so the next stage would start from the previous one's high-water mark.
@@ -9,7 +9,11 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import gc
+import json
+import os
+import signal
 import sys
+from collections.abc import Callable
 
 
 def _malloc_trim():
@@ -28,3 +32,77 @@ def release_memory() -> None:
     gc.collect()
     if _TRIM is not None:
         _TRIM(0)
+
+
+def run_forked(fn: Callable[[], None]) -> None:
+    """Run `fn` in a forked child and wait for it: whatever heap it leaves behind (a tracer's graphs kept by reference
+    cycles, pymalloc arenas that never shrink) goes back to the OS with the child, while the tensors the parent
+    already holds are shared copy-on-write, not copied. `fn` communicates through files.
+
+    Its failure is raised here, as the same exception type when that is one of ours, else as a RuntimeError naming
+    it. Where fork is unsafe or missing (macOS frameworks, Windows), `fn` runs in this process."""
+    if not sys.platform.startswith("linux"):
+        fn()
+        return
+    read_end, write_end = os.pipe()
+    gc.collect()
+    gc.freeze()  # the collector would otherwise touch (and so copy) every object page the child inherits
+    pid = os.fork()
+    if pid == 0:  # child: never returns to the caller's frames, so no finally/with block of theirs runs twice
+        os.close(read_end)
+        status = 0
+        try:
+            _child_setup()
+            fn()
+        except BaseException as e:  # noqa: BLE001 - everything goes back to the parent as one line
+            status = 1
+            os.write(write_end, json.dumps({"type": type(e).__name__, "message": str(e)}).encode())
+        finally:
+            os._exit(status)
+    gc.unfreeze()
+    os.close(write_end)
+    try:
+        with os.fdopen(read_end, "rb") as r:
+            report = r.read()  # EOF when the child exits
+        _, status = os.waitpid(pid, 0)
+    except BaseException:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        raise
+    if status == 0:
+        return
+    if not report:
+        raise RuntimeError(f"forked worker died ({_describe(status)})")
+    failure = json.loads(report)
+    raise _rebuild(failure["type"], failure["message"])
+
+
+def _child_setup() -> None:
+    # the parent's handlers clean up the parent's folders; a child just stops, and dies with its parent
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    import torch  # its thread pool belongs to the parent; one thread avoids forking an OpenMP pool mid-state
+
+    torch.set_num_threads(1)
+
+
+def _describe(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"signal {os.WTERMSIG(status)}"
+    return f"exit {os.waitstatus_to_exitcode(status)}"
+
+
+def _rebuild(name: str, message: str) -> Exception:
+    from pit_export import errors
+    from pit_export.models.checkpoint import CheckpointError, OutputError
+
+    known = {
+        c.__name__: c for c in (errors.BadInput, errors.GateFailed, errors.Unavailable, CheckpointError, OutputError)
+    }
+    if name in known:
+        return known[name](message)
+    return RuntimeError(f"{name}: {message}")

@@ -252,3 +252,22 @@ def test_compact_int4_is_the_size_of_a_tied_model(artifact, request):
     # the only extra is one 4-bit d x d (T^-1): d^2 (1/2 + 4/32 + 1/64) bytes, ~1.3 % here
     assert pit <= 1.02 * tied, (pit, tied)
     assert model_bytes(artifact("int4", "untied", 4)) > 1.2 * pit  # two 4-bit tables
+
+
+def test_large_models_trace_in_a_forked_child_with_the_same_result(tmp_path, pit_ckpt, monkeypatch):
+    """Above CACHE_MAX_BYTES the trace and quantization run in a forked child (their leftover heap dies with it);
+    the files are the in-process export's, byte for byte (model.ort aside: its byte order is not reproducible)."""
+    from pit_export.export import onnx as onnx_export
+    from pit_export.report import NONDETERMINISM
+
+    inproc = export_artifact(pit_ckpt, "onnx-cpu", tmp_path / "in", "int4")
+    forks = []
+    real = onnx_export.run_forked
+    monkeypatch.setattr(onnx_export, "run_forked", lambda fn: forks.append(fn) or real(fn))
+    monkeypatch.setattr(onnx_export, "CACHE_MAX_BYTES", 0)  # pit-tiny counts as large
+    forked = export_artifact(pit_ckpt, "onnx-cpu", tmp_path / "forked", "int4")
+    assert len(forks) == 1
+    assert forked["files"].keys() == inproc["files"].keys()
+    differ = [f for f in inproc["files"] if forked["files"][f]["sha256"] != inproc["files"][f]["sha256"]]
+    assert set(differ) <= set(NONDETERMINISM)
+    assert forked["onnx"]["ops"] == inproc["onnx"]["ops"]

@@ -35,7 +35,7 @@ from torch import nn
 
 from pit_export.decoder import Decoder, FoldedWeights, grouped_attention
 from pit_export.errors import BadInput
-from pit_export.memory import release_memory
+from pit_export.memory import release_memory, run_forked
 from pit_export.models.checkpoint import scratch_dir
 from pit_export.models.pit import rms_norm
 from pit_export.quantize import Scheme
@@ -375,9 +375,13 @@ _GRAPHS: dict[str, bytes] = {}  # folded-weights digest -> canonical fp32 graph:
 CACHE_MAX_BYTES = 256 * 2**20
 
 
+def _cacheable(fw: FoldedWeights) -> bool:
+    return sum(v.numel() * v.element_size() for v in fw.tensors.values()) <= CACHE_MAX_BYTES
+
+
 def fp32_graph(fw: FoldedWeights, scratch: Path) -> onnx.ModelProto:
     """The canonical fp32 graph; a large model's weights stay external, in `scratch`."""
-    cacheable = sum(v.numel() * v.element_size() for v in fw.tensors.values()) <= CACHE_MAX_BYTES
+    cacheable = _cacheable(fw)
     if cacheable:
         h = hashlib.sha256(f"{fw.layout}{fw.cfg.to_json()}".encode())
         for k in sorted(fw.tensors):
@@ -423,10 +427,8 @@ def save_external(model: onnx.ModelProto, dest: Path, base_dir: Path) -> None:
     onnx.save_model(model, dest)
 
 
-def export(fw: FoldedWeights, scheme: Scheme, out: Path, ckpt, progress=lambda msg: None) -> dict:
-    out = Path(out)
-    times = {}
-    cfg, inv_gain = fw.cfg, fw.tensors["inv_gain"].numpy().copy()
+def write_model(fw: FoldedWeights, scheme: Scheme, out: Path, progress, times: dict) -> None:
+    """Trace, quantize and save model.onnx + model.onnx.data into `out`; frees the folded weights."""
     with scratch_dir() as scratch:
         t0 = time.perf_counter()
         progress("onnx: torch.onnx.export (dynamo)")
@@ -438,15 +440,30 @@ def export(fw: FoldedWeights, scheme: Scheme, out: Path, ckpt, progress=lambda m
         progress(f"onnx: quantize ({scheme.name})")
         model = quantize(model, scheme, fw.layout, scratch)
         times["quantize_s"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
         save_external(model, out / MODEL, scratch)
+
+
+def export(fw: FoldedWeights, scheme: Scheme, out: Path, ckpt, progress=lambda msg: None) -> dict:
+    out = Path(out)
+    times: dict[str, float] = {}
+    cfg, inv_gain = fw.cfg, fw.tensors["inv_gain"].numpy().copy()
+    if _cacheable(fw):
+        write_model(fw, scheme, out, progress, times)
+    else:
+        # a large model: the trace leaves ~250 MB of unreachable-but-uncollectable heap at 135M parameters, which the
+        # ORT conversion below (two copies of the weights) would stack on; a forked child takes it with it
+        progress(f"onnx: torch.onnx.export (dynamo) + quantize ({scheme.name}), in a child process")
+        t0 = time.perf_counter()
+        run_forked(lambda: write_model(fw, scheme, out, lambda msg: None, {}))
+        times["export_s"] = time.perf_counter() - t0
+        fw.release()
+        release_memory()
+    t0 = time.perf_counter()
     write_probes(out, cfg.dim, inv_gain)
     (out / "genai_config.json").write_text(json.dumps(genai_config(fw, ckpt), indent=2))
     if ckpt is not None:
         (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(ckpt, cfg), indent=2))
-    ops = _op_counts(model)
-    del model  # the weights are on disk: ORT reloads them, so the graph does not stay beside it
-    release_memory()
+    ops = _op_counts(onnx.load(out / MODEL, load_external_data=False))
     progress("onnx: ORT mobile format")
     to_ort_format(out / MODEL, out / ORT_MODEL)
     times["write_s"] = time.perf_counter() - t0

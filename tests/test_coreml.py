@@ -158,8 +158,8 @@ def test_unknown_op_fails_loudly(fp32_dir, tmp_path):
 
 
 def test_shared_table_stored_once(fp32_dir, fp16_dir, pit_ckpt):
-    """The gather and the head read one table const, and the three functions share it (save_multifunction dedups):
-    weight.bin holds the folded shared-z weights once, under half a table of overhead; fp16 halves it."""
+    """The gather and the head read one table const, and the three functions share it (the merge stores each
+    distinct blob once): weight.bin holds the folded shared-z weights once, under half a table of overhead; fp16 halves it."""
     params = sum(v.numel() for v in fold(pit_ckpt, "shared-z")[0].tensors.values())
     d, V = pit_ckpt.config.dim, pit_ckpt.config.vocab_size
     assert (fp32_dir / WEIGHTS).stat().st_size < 4 * (params + V * d / 2)
@@ -203,3 +203,81 @@ def test_coreml_runtime_matches_training_graph(ref, heldout, fp32_dir, fp16_dir)
         res = validate(ref, sess, heldout, scheme)
         assert res.passed, (scheme, res.failures())
         sess.close()
+
+
+def _blob_bytes(package, spec) -> dict[str, list[bytes]]:
+    """Each function's weight.bin values, in program order, as bytes."""
+    from coremltools.libmilstoragepython import _BlobStorageReader
+    from coremltools.proto import MIL_pb2
+
+    from pit_export.export.coreml import _BLOB_KINDS, _blob_values
+
+    reader = _BlobStorageReader(str(package / "Data/com.apple.CoreML/weights/weight.bin"))
+    return {
+        name: [
+            getattr(reader, f"read_{_BLOB_KINDS[MIL_pb2.DataType.Name(v.type.tensorType.dataType)]}_data")(
+                v.blobFileValue.offset
+            ).tobytes()
+            for v in _blob_values(fn)
+        ]
+        for name, fn in spec.mlProgram.functions.items()
+    }
+
+
+def _ops(fn) -> list[tuple]:
+    """Op types with their inputs and outputs (coremltools renumbers some op names when it reloads a program),
+    weights by position only: where a blob sits in weight.bin is the writer's choice (_blob_bytes compares them)."""
+    from pit_export.export.coreml import _blob_values
+
+    fn = type(fn).FromString(fn.SerializeToString())
+    for v in _blob_values(fn):
+        v.blobFileValue.offset = 0
+    block = fn.block_specializations[fn.opset]
+    return [(op.type, sorted((k, str(v)) for k, v in op.inputs.items()), str(op.outputs)) for op in block.operations]
+
+
+def test_merge_writes_what_save_multifunction_writes(pit_ckpt, tmp_path):
+    """The streaming merge against coremltools' own on int4 (compressed and float blobs): the same functions and
+    descriptions, the same ops, the same bytes behind every weight, and weight.bin the same size (a blob shared
+    across functions wherever save_multifunction shares one)."""
+    import coremltools as ct
+
+    from pit_export.export.coreml import FUNCTIONS, merge_functions, write_function
+    from pit_export.quantize import get_scheme
+
+    fw, _ = fold(pit_ckpt, "shared-z")
+    packages = {name: tmp_path / f"{name}.mlpackage" for name in FUNCTIONS}
+    for name in FUNCTIONS:
+        write_function(fw, name, get_scheme("int4", None), packages[name])
+    desc = ct.utils.MultiFunctionDescriptor()
+    for name, path in packages.items():
+        desc.add_function(str(path), src_function_name="main", target_function_name=name)
+    desc.default_function_name = "main"
+    ct.utils.save_multifunction(desc, str(tmp_path / "theirs.mlpackage"))
+    merge_functions(packages, tmp_path / "ours.mlpackage")
+
+    theirs, ours = (ct.utils.load_spec(str(tmp_path / f"{p}.mlpackage")) for p in ("theirs", "ours"))
+    assert ours.specificationVersion == theirs.specificationVersion
+    assert list(ours.description.functions) == list(theirs.description.functions)
+    assert ours.description.defaultFunctionName == theirs.description.defaultFunctionName == "main"
+    assert set(ours.mlProgram.functions) == set(theirs.mlProgram.functions) == set(FUNCTIONS)  # a map: no order
+    for name in FUNCTIONS:
+        assert _ops(ours.mlProgram.functions[name]) == _ops(theirs.mlProgram.functions[name])
+    assert _blob_bytes(tmp_path / "ours.mlpackage", ours) == _blob_bytes(tmp_path / "theirs.mlpackage", theirs)
+    size = lambda p: (tmp_path / p / "Data/com.apple.CoreML/weights/weight.bin").stat().st_size  # noqa: E731
+    assert size("ours.mlpackage") == size("theirs.mlpackage")
+
+
+def test_large_models_convert_in_forked_children(pit_ckpt, fp32_dir, tmp_path, monkeypatch):
+    """Above FORK_ABOVE_BYTES each function converts in a forked child; the package is the in-process one."""
+    from pit_export.export import coreml as coreml_export
+
+    forks = []
+    real = coreml_export.run_forked
+    monkeypatch.setattr(coreml_export, "run_forked", lambda fn: forks.append(fn) or real(fn))
+    monkeypatch.setattr(coreml_export, "FORK_ABOVE_BYTES", 0)
+    out = tmp_path / "forked"
+    export_artifact(pit_ckpt, "ios", out, scheme="fp32", layout="shared-z")
+    assert len(forks) == 3
+    assert (out / WEIGHTS).read_bytes() == (fp32_dir / WEIGHTS).read_bytes()
+    assert (out / SPEC).read_bytes() == (fp32_dir / SPEC).read_bytes()

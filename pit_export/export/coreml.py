@@ -1,6 +1,6 @@
 """iOS: the folded Decoder as one CoreML ML program (model.mlpackage, iOS 18), KV cache as model state.
 
-Functions of the multifunction package (one weight.bin; save_multifunction deduplicates constants across them):
+Functions of the multifunction package (one weight.bin, each distinct constant stored once; see merge_functions):
   main(tokens Int32[1, n], causal_mask Float32[1, 1, n, end]) -> logits [1, n, V]
         n in 1..max_seq_len, end = start + n <= max_seq_len. One function with a flexible length serves both
         prefill (n > 1) and decode (n = 1): it converts with states, and two fixed-shape functions would need a
@@ -24,6 +24,8 @@ cond(T)).
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import io
 import logging
 import time
@@ -35,7 +37,7 @@ import torch
 
 from pit_export.decoder import CachedAttention, Decoder, EntryPoint, FoldedWeights
 from pit_export.errors import BadInput
-from pit_export.memory import release_memory
+from pit_export.memory import release_memory, run_forked
 from pit_export.models.checkpoint import scratch_dir
 from pit_export.quantize import Scheme
 from pit_export.runtimes.coreml import causal_mask
@@ -46,6 +48,7 @@ SCHEMES = ("fp32", "fp16", "int8", "int4", "palettize4")
 # additive mask for disallowed keys: finite in fp16 (a float32-min mask becomes -inf there and NaN in softmax) and
 # exp(MASK_NEG + any logit) underflows to exactly 0 in both precisions
 MASK_NEG = -1e4
+FORK_ABOVE_BYTES = 256 * 2**20  # folded weights above this convert in forked children (small ones gain nothing)
 
 
 class StateAttention(CachedAttention):
@@ -95,8 +98,8 @@ class CoreMLDecoder(Decoder):
         return [n for n, _ in self.named_buffers() if ".attention." in n]
 
 
-def convert(dec: CoreMLDecoder, fp32: bool) -> dict:
-    """ct.convert of the three functions (torch.jit.trace; flexible lengths as RangeDim)."""
+def convert(dec: CoreMLDecoder, function: str, fp32: bool):
+    """ct.convert of one function of FUNCTIONS (torch.jit.trace; flexible lengths as RangeDim)."""
     import coremltools as ct
 
     cfg = dec.cfg
@@ -108,20 +111,18 @@ def convert(dec: CoreMLDecoder, fp32: bool) -> dict:
     }
     n, end = ct.RangeDim(1, cfg.max_seq_len), ct.RangeDim(1, cfg.max_seq_len)
     rows = ct.RangeDim(1, cfg.vocab_size)
-    tok2, mask2 = torch.zeros(1, 2, dtype=torch.int32), torch.from_numpy(causal_mask(1, 2, MASK_NEG))
-    with torch.no_grad():
-        main = torch.jit.trace(dec, (tok2, mask2))
+    if function == "main":
+        tok2, mask2 = torch.zeros(1, 2, dtype=torch.int32), torch.from_numpy(causal_mask(1, 2, MASK_NEG))
+        with torch.no_grad():
+            traced = torch.jit.trace(dec, (tok2, mask2))
         dec.reset_cache()  # tracing ran the cache writes eagerly
-        embed = torch.jit.trace(EntryPoint(dec, "embed"), (torch.arange(3, dtype=torch.int32),))
-        unembed = torch.jit.trace(EntryPoint(dec, "unembed"), (torch.zeros(3, cfg.dim),))
-    states = [
-        ct.StateType(ct.TensorType(shape=tuple(buf.shape), dtype=np.float16), name=name)
-        for name, buf in dec.named_buffers()
-        if name in dec.state_names()
-    ]
-    return {
-        "main": ct.convert(
-            main,
+        states = [
+            ct.StateType(ct.TensorType(shape=tuple(buf.shape), dtype=np.float16), name=name)
+            for name, buf in dec.named_buffers()
+            if name in dec.state_names()
+        ]
+        return ct.convert(
+            traced,
             inputs=[
                 ct.TensorType(name="tokens", shape=(1, n), dtype=np.int32),
                 ct.TensorType(name="causal_mask", shape=(1, 1, n, end), dtype=np.float32),
@@ -129,20 +130,16 @@ def convert(dec: CoreMLDecoder, fp32: bool) -> dict:
             outputs=[ct.TensorType(name="logits", dtype=np.float32)],
             states=states,
             **common,
-        ),
-        "embed": ct.convert(
-            embed,
-            inputs=[ct.TensorType(name="tokens", shape=(rows,), dtype=np.int32)],
-            outputs=[ct.TensorType(name="embeddings", dtype=np.float32)],
-            **common,
-        ),
-        "unembed": ct.convert(
-            unembed,
-            inputs=[ct.TensorType(name="hidden", shape=(rows, cfg.dim), dtype=np.float32)],
-            outputs=[ct.TensorType(name="logits", dtype=np.float32)],
-            **common,
-        ),
-    }
+        )
+    if function == "embed":
+        example, feed = torch.arange(3, dtype=torch.int32), ct.TensorType(name="tokens", shape=(rows,), dtype=np.int32)
+        output = "embeddings"
+    else:
+        example, feed = torch.zeros(3, cfg.dim), ct.TensorType(name="hidden", shape=(rows, cfg.dim), dtype=np.float32)
+        output = "logits"
+    with torch.no_grad():
+        traced = torch.jit.trace(EntryPoint(dec, function), (example,))
+    return ct.convert(traced, inputs=[feed], outputs=[ct.TensorType(name=output, dtype=np.float32)], **common)
 
 
 def compression_config(scheme: Scheme, model):
@@ -181,20 +178,109 @@ def compress(model, scheme: Scheme):
     return cto.linear_quantize_weights(model, cfg)
 
 
-def save_package(models: dict, dest: Path) -> None:
-    """One multifunction .mlpackage; main is the default function. Empties `models`: each converted model (its MIL
-    program holds a copy of its weights) is dropped once saved, before the merge loads them all again."""
-    import coremltools as ct
+def write_function(fw: FoldedWeights, function: str, scheme: Scheme, dest: Path) -> None:
+    """One function, converted (and compressed) on its own and saved as a single-function package."""
+    fp32 = scheme.name == "fp32"
+    with quiet():
+        model = convert(CoreMLDecoder(fw, fp32), function, fp32)
+        if scheme.linear_bits is not None:
+            model = compress(model, scheme)
+        model.save(str(dest))
 
-    desc = ct.utils.MultiFunctionDescriptor()
-    with scratch_dir() as tmp:
-        for name in list(models):
-            path = str(Path(tmp) / f"{name}.mlpackage")
-            models.pop(name).save(path)
-            desc.add_function(path, src_function_name="main", target_function_name=name)
-        release_memory()
-        desc.default_function_name = "main"
-        ct.utils.save_multifunction(desc, str(dest))
+
+# MIL blob dtypes -> the suffix of coremltools' blob storage read_*/write_* methods
+_BLOB_KINDS = {
+    "FLOAT32": "float",
+    "FLOAT16": "fp16",
+    "INT8": "int8",
+    "UINT8": "uint8",
+    "INT4": "int4",
+    "UINT4": "uint4",
+    "UINT1": "uint1",
+    "UINT2": "uint2",
+    "UINT3": "uint3",
+    "UINT6": "uint6",
+    "INT16": "int16",
+    "UINT16": "uint16",
+    "INT32": "int32",
+    "UINT32": "uint32",
+}
+
+
+def _blob_values(msg):
+    """Every MIL Value stored in weight.bin, anywhere under a proto message."""
+    from coremltools.proto import MIL_pb2
+
+    if isinstance(msg, MIL_pb2.Value) and msg.HasField("blobFileValue"):
+        yield msg
+        return
+    for field, value in msg.ListFields():
+        if field.type != field.TYPE_MESSAGE:
+            continue
+        items = (
+            value.values()
+            if field.message_type.GetOptions().map_entry
+            else [value]
+            if hasattr(value, "ListFields")
+            else value
+        )
+        for item in items:
+            if hasattr(item, "ListFields"):
+                yield from _blob_values(item)
+
+
+def merge_functions(packages: dict[str, Path], dest: Path, default: str = "main") -> None:
+    """One multifunction .mlpackage from single-function ones: what ct.utils.save_multifunction writes (the same
+    functions, the same weight.bin with a blob shared wherever the bytes are equal), one blob at a time.
+    save_multifunction instead loads every function's weights into a MIL program and exports it again: at 135M
+    parameters that held the vocabulary table three times and peaked 1.1 GB above the process."""
+    import coremltools as ct
+    from coremltools.libmilstoragepython import _BlobStorageReader, _BlobStorageWriter
+    from coremltools.proto import MIL_pb2, Model_pb2
+
+    specs = {name: ct.utils.load_spec(str(path)) for name, path in packages.items()}
+    merged = Model_pb2.Model()
+    merged.CopyFrom(specs[default])
+    merged.mlProgram.ClearField("functions")
+    described = []
+    with scratch_dir() as weights:
+        writer = _BlobStorageWriter(str(weights / "weight.bin"))
+        stored: dict[bytes, int] = {}  # digest of (dtype, bytes) -> offset in the merged weight.bin
+        for name, spec in specs.items():
+            reader = _BlobStorageReader(str(next(packages[name].rglob("weight.bin"))))
+            moved: dict[int, int] = {}  # offset in this package -> offset in the merged file
+            for value in _blob_values(spec.mlProgram):
+                old = value.blobFileValue.offset
+                if old not in moved:
+                    kind = _BLOB_KINDS[MIL_pb2.DataType.Name(value.type.tensorType.dataType)]
+                    data = getattr(reader, f"read_{kind}_data")(old)
+                    key = hashlib.sha256(kind.encode() + data.tobytes()).digest()
+                    if key not in stored:
+                        stored[key] = getattr(writer, f"write_{kind}_data")(data)
+                    moved[old] = stored[key]
+                    del data
+                value.blobFileValue.offset = moved[old]
+            merged.mlProgram.functions[name].CopyFrom(spec.mlProgram.functions["main"])
+            d = spec.description
+            described.append(
+                Model_pb2.FunctionDescription(
+                    name=name,
+                    input=d.input,
+                    output=d.output,
+                    state=d.state,
+                    predictedFeatureName=d.predictedFeatureName,
+                    predictedProbabilitiesName=d.predictedProbabilitiesName,
+                )
+            )
+        del writer  # flushes weight.bin
+        metadata = specs[default].description.metadata
+        merged.description.CopyFrom(
+            Model_pb2.ModelDescription(functions=described, defaultFunctionName=default, metadata=metadata)
+        )
+        merged.specificationVersion = max(
+            merged.specificationVersion, *(s.specificationVersion for s in specs.values())
+        )
+        ct.models.MLModel(merged, weights_dir=str(weights), skip_model_load=True).save(str(dest))
 
 
 @contextlib.contextmanager
@@ -216,24 +302,22 @@ def export(fw: FoldedWeights, scheme: Scheme, out: Path, ckpt, progress) -> dict
     if scheme.name not in SCHEMES:
         raise BadInput(f"scheme {scheme.name!r} is not available for CoreML (choose from {', '.join(SCHEMES)})")
     fp32 = scheme.name == "fp32"
+    states = [n.replace(".", "_") for n in CoreMLDecoder(fw, fp32).state_names()]  # as the converter names them
+    # a large model converts each function in a forked child: a converted program holds a copy of its weights and
+    # the converter's heap does not shrink back, so three conversions in one process would stack
+    large = sum(t.numel() * t.element_size() for t in fw.tensors.values()) > FORK_ABOVE_BYTES
     t0 = time.perf_counter()
-    dec = CoreMLDecoder(fw, fp32)
-    states = [n.replace(".", "_") for n in dec.state_names()]  # as the converter names them
-    progress(f"convert ({'fp32' if fp32 else 'fp16'} compute)")
-    with quiet():
-        models = convert(dec, fp32)
-    del dec
-    fw.release()  # the converted programs hold the weights now
-    release_memory()
-    t1 = time.perf_counter()
-    if scheme.linear_bits is not None:
-        progress(f"compress ({scheme.name})")
-        with quiet():
-            models = {k: compress(m, scheme) for k, m in models.items()}
-    t2 = time.perf_counter()
-    progress("save multifunction package")
-    with quiet():
-        save_package(models, Path(out) / PACKAGE)
+    with scratch_dir() as tmp:
+        packages = {name: tmp / f"{name}.mlpackage" for name in FUNCTIONS}
+        for name in FUNCTIONS:
+            progress(f"convert {name} ({'fp32' if fp32 else 'fp16'} compute{'' if fp32 else ', ' + scheme.name})")
+            job = functools.partial(write_function, fw, name, scheme, packages[name])
+            run_forked(job) if large else job()
+        fw.release()  # the single-function packages hold the weights now
+        release_memory()
+        t1 = time.perf_counter()
+        progress("save multifunction package")
+        merge_functions(packages, Path(out) / PACKAGE)
     cfg = fw.cfg
     return {
         "deploy_files": sorted(p.relative_to(out).as_posix() for p in (Path(out) / PACKAGE).rglob("*") if p.is_file()),
@@ -248,8 +332,7 @@ def export(fw: FoldedWeights, scheme: Scheme, out: Path, ckpt, progress) -> dict
             "vocab_size": cfg.vocab_size,
             "mask_neg": MASK_NEG,
             "minimum_deployment_target": "iOS18",
-            "convert_seconds": round(t1 - t0, 2),
-            "compress_seconds": round(t2 - t1, 2),
-            "save_seconds": round(time.perf_counter() - t2, 2),
+            "convert_seconds": round(t1 - t0, 2),  # compression included
+            "save_seconds": round(time.perf_counter() - t1, 2),
         },
     }

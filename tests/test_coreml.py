@@ -159,7 +159,8 @@ def test_unknown_op_fails_loudly(fp32_dir, tmp_path):
 
 def test_shared_table_stored_once(fp32_dir, fp16_dir, pit_ckpt):
     """The gather and the head read one table const, and the three functions share it (the merge stores each
-    distinct blob once): weight.bin holds the folded shared-z weights once, under half a table of overhead; fp16 halves it."""
+    distinct blob once): weight.bin holds the folded shared-z weights once, under half a table of overhead; fp16
+    halves it."""
     params = sum(v.numel() for v in fold(pit_ckpt, "shared-z")[0].tensors.values())
     d, V = pit_ckpt.config.dim, pit_ckpt.config.vocab_size
     assert (fp32_dir / WEIGHTS).stat().st_size < 4 * (params + V * d / 2)

@@ -15,6 +15,27 @@ import numpy as np
 
 from .base import register
 
+# coremltools imports these at import time only to learn whether they exist (to convert EXIR programs,
+# torchao-quantized modules and scikit-learn models, none of which pit-export hands it): ~200 MB of modules in every
+# process that converts or reads a package. Hidden while it imports, they stay importable afterwards.
+_PROBED_ONLY = ("executorch", "torchao", "transformers", "sklearn", "scipy")
+
+
+def import_coremltools():
+    """`import coremltools`, without the optional packages it would only probe for."""
+    import sys
+
+    if "coremltools" not in sys.modules:
+        hidden = [m for m in _PROBED_ONLY if m not in sys.modules]
+        sys.modules.update(dict.fromkeys(hidden))  # None: "import m" raises ImportError
+        try:
+            import coremltools  # noqa: F401
+        finally:
+            for m in hidden:
+                if sys.modules.get(m, 0) is None:
+                    del sys.modules[m]
+    return sys.modules["coremltools"]
+
 
 def causal_mask(start: int, n: int, neg: float) -> np.ndarray:
     """[1, 1, n, start + n] additive mask: query i (position start + i) sees keys 0..start + i."""
@@ -91,8 +112,7 @@ class CoreMLSession(_PackageSession):
     runtime = "CoreML runtime (MLModel.predict)"
 
     def __init__(self, folder: Path, compute_units: str = "CPU_AND_GPU"):
-        import coremltools as ct
-
+        ct = import_coremltools()
         super().__init__(folder)
         units = getattr(ct.ComputeUnit, compute_units)
         self.models = {

@@ -40,7 +40,9 @@ from pit_export.errors import BadInput
 from pit_export.memory import release_memory, run_forked
 from pit_export.models.checkpoint import scratch_dir
 from pit_export.quantize import Scheme
-from pit_export.runtimes.coreml import causal_mask
+from pit_export.runtimes.coreml import causal_mask, import_coremltools
+
+import_coremltools()  # before any "import coremltools" below (the first import decides what it pulls in)
 
 PACKAGE = "model.mlpackage"
 FUNCTIONS = ("main", "embed", "unembed")

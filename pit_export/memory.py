@@ -47,7 +47,13 @@ def run_forked(fn: Callable[[], None]) -> None:
     read_end, write_end = os.pipe()
     gc.collect()
     gc.freeze()  # the collector would otherwise touch (and so copy) every object page the child inherits
-    pid = os.fork()
+    try:
+        pid = os.fork()
+    except OSError:
+        gc.unfreeze()
+        os.close(read_end)
+        os.close(write_end)
+        raise
     if pid == 0:  # child: never returns to the caller's frames, so no finally/with block of theirs runs twice
         os.close(read_end)
         status = 0
@@ -78,15 +84,28 @@ def run_forked(fn: Callable[[], None]) -> None:
 
 
 def _child_setup() -> None:
-    # the parent's handlers clean up the parent's folders; a child just stops, and dies with its parent
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    """Signals stop the child after removing the temporary folders it made (the parent's are the parent's to
+    remove); it dies with its parent; torch runs one thread (its pool belongs to the parent: an OpenMP pool is not
+    safe to use across fork)."""
+    import shutil
+
+    import torch
+
+    from pit_export.models.checkpoint import PENDING
+
+    inherited = set(PENDING)
+
+    def stop(signum, frame):
+        for d in PENDING - inherited:
+            shutil.rmtree(d, ignore_errors=True)
+        os._exit(128 + signum)
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
     try:
         ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
-    import torch  # its thread pool belongs to the parent; one thread avoids forking an OpenMP pool mid-state
-
     torch.set_num_threads(1)
 
 

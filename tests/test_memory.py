@@ -4,6 +4,8 @@ import os
 import resource
 import signal
 import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -59,3 +61,20 @@ def test_a_killed_child_is_reported():
 
     with pytest.raises(RuntimeError, match="signal 9"):
         run_forked(work)
+
+
+def test_a_terminated_child_removes_only_its_own_temporary_folders(tmp_path):
+    from pit_export.models.checkpoint import scratch_dir
+
+    with scratch_dir() as parents:
+
+        def work():
+            with scratch_dir() as mine:
+                (tmp_path / "mine").write_text(str(mine))
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(30)  # the handler exits first
+
+        with pytest.raises(RuntimeError, match="exit 143"):
+            run_forked(work)
+        assert parents.is_dir()
+    assert not Path((tmp_path / "mine").read_text()).exists()

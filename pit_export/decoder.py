@@ -32,6 +32,10 @@ class FoldedWeights:
     tensors: dict[str, torch.Tensor]  # body (layers.*) + layout tables, fp32
     meta: dict = field(default_factory=dict)
 
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
     def release(self) -> None:
         """Drop the tensors (a backend whose weights are written frees them before its runtime reloads them)."""
         self.tensors.clear()

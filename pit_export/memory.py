@@ -26,6 +26,8 @@ def _malloc_trim():
 
 
 _TRIM = _malloc_trim()
+# Folded weights above this run a toolchain's heavy steps in forked children (run_forked); small ones gain nothing.
+FORK_ABOVE_BYTES = 256 * 2**20
 
 
 def release_memory() -> None:

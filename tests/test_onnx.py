@@ -255,7 +255,7 @@ def test_compact_int4_is_the_size_of_a_tied_model(artifact, request):
 
 
 def test_large_models_trace_in_a_forked_child_with_the_same_result(tmp_path, pit_ckpt, monkeypatch):
-    """Above CACHE_MAX_BYTES the trace and quantization run in a forked child (their leftover heap dies with it);
+    """Above FORK_ABOVE_BYTES the trace and quantization run in a forked child (their leftover heap dies with it);
     the files are the in-process export's, byte for byte (model.ort aside: its byte order is not reproducible)."""
     from pit_export.export import onnx as onnx_export
     from pit_export.report import NONDETERMINISM
@@ -264,7 +264,8 @@ def test_large_models_trace_in_a_forked_child_with_the_same_result(tmp_path, pit
     forks = []
     real = onnx_export.run_forked
     monkeypatch.setattr(onnx_export, "run_forked", lambda fn: forks.append(fn) or real(fn))
-    monkeypatch.setattr(onnx_export, "CACHE_MAX_BYTES", 0)  # pit-tiny counts as large
+    monkeypatch.setattr(onnx_export, "FORK_ABOVE_BYTES", 0)  # pit-tiny counts as large
+    monkeypatch.setattr(onnx_export, "CACHE_MAX_BYTES", 0)  # and is traced again, in the child
     forked = export_artifact(pit_ckpt, "onnx-cpu", tmp_path / "forked", "int4")
     assert len(forks) == 1
     assert forked["files"].keys() == inproc["files"].keys()

@@ -15,7 +15,8 @@ def test_smollm2_135m_shape_end_to_end(tmp_path):
     rep = json.loads(out.read_text())
     assert rc == 0, rep["stages"]
     assert set(rep["parity"]) == {"android", "onnx-cpu", "ios"} and all(p["passed"] for p in rep["parity"].values())
-    # import, fold and validate stay within 3x; the exports hold toolchain copies of the weights (README, "At
-    # SmolLM2-135M scale") and are recorded, not gated
-    gated = ["import-hf", "fold shared-z"] + [f"validate {t}" for t in ("android", "onnx-cpu", "ios")]
+    # every stage but the ExecuTorch export stays within 3x; that one holds XNNPACK's copies of the weights beside
+    # the torch ones (README, "At SmolLM2-135M scale") and is recorded, not gated
+    gated = ["import-hf", "fold shared-z", "export onnx-cpu", "export ios"]
+    gated += [f"validate {t}" for t in ("android", "onnx-cpu", "ios")]
     assert all(rep["within_budget"][s] for s in gated), rep["stages"]

@@ -37,7 +37,7 @@ import torch
 
 from pit_export.decoder import CachedAttention, Decoder, EntryPoint, FoldedWeights
 from pit_export.errors import BadInput
-from pit_export.memory import release_memory, run_forked
+from pit_export.memory import FORK_ABOVE_BYTES, release_memory, run_forked
 from pit_export.models.checkpoint import scratch_dir
 from pit_export.quantize import Scheme
 from pit_export.runtimes.coreml import causal_mask, import_coremltools
@@ -50,7 +50,6 @@ SCHEMES = ("fp32", "fp16", "int8", "int4", "palettize4")
 # additive mask for disallowed keys: finite in fp16 (a float32-min mask becomes -inf there and NaN in softmax) and
 # exp(MASK_NEG + any logit) underflows to exactly 0 in both precisions
 MASK_NEG = -1e4
-FORK_ABOVE_BYTES = 256 * 2**20  # folded weights above this convert in forked children (small ones gain nothing)
 
 
 class StateAttention(CachedAttention):
@@ -307,7 +306,7 @@ def export(fw: FoldedWeights, scheme: Scheme, out: Path, ckpt, progress) -> dict
     states = [n.replace(".", "_") for n in CoreMLDecoder(fw, fp32).state_names()]  # as the converter names them
     # a large model converts each function in a forked child: a converted program holds a copy of its weights and
     # the converter's heap does not shrink back, so three conversions in one process would stack
-    large = sum(t.numel() * t.element_size() for t in fw.tensors.values()) > FORK_ABOVE_BYTES
+    large = fw.nbytes > FORK_ABOVE_BYTES
     t0 = time.perf_counter()
     with scratch_dir() as tmp:
         packages = {name: tmp / f"{name}.mlpackage" for name in FUNCTIONS}

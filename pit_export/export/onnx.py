@@ -35,7 +35,7 @@ from torch import nn
 
 from pit_export.decoder import Decoder, FoldedWeights, grouped_attention
 from pit_export.errors import BadInput
-from pit_export.memory import release_memory, run_forked
+from pit_export.memory import FORK_ABOVE_BYTES, release_memory, run_forked
 from pit_export.models.checkpoint import scratch_dir
 from pit_export.models.pit import rms_norm
 from pit_export.quantize import Scheme
@@ -375,13 +375,9 @@ _GRAPHS: dict[str, bytes] = {}  # folded-weights digest -> canonical fp32 graph:
 CACHE_MAX_BYTES = 256 * 2**20
 
 
-def _cacheable(fw: FoldedWeights) -> bool:
-    return sum(v.numel() * v.element_size() for v in fw.tensors.values()) <= CACHE_MAX_BYTES
-
-
 def fp32_graph(fw: FoldedWeights, scratch: Path) -> onnx.ModelProto:
     """The canonical fp32 graph; a large model's weights stay external, in `scratch`."""
-    cacheable = _cacheable(fw)
+    cacheable = fw.nbytes <= CACHE_MAX_BYTES
     if cacheable:
         h = hashlib.sha256(f"{fw.layout}{fw.cfg.to_json()}".encode())
         for k in sorted(fw.tensors):
@@ -447,7 +443,7 @@ def export(fw: FoldedWeights, scheme: Scheme, out: Path, ckpt, progress=lambda m
     out = Path(out)
     times: dict[str, float] = {}
     cfg, inv_gain = fw.cfg, fw.tensors["inv_gain"].numpy().copy()
-    if _cacheable(fw):
+    if fw.nbytes <= FORK_ABOVE_BYTES:
         write_model(fw, scheme, out, progress, times)
     else:
         # a large model: the trace leaves ~250 MB of unreachable-but-uncollectable heap at 135M parameters, which the

@@ -3,11 +3,11 @@
     .venv/bin/python benchmarks/scale.py [--work DIR] [--out benchmarks/results/scale-135m.json]
 
 Every stage is the real CLI in its own process; wall time and its peak memory are recorded: os.wait4's ru_maxrss
-(the largest RSS of the process or any child it forked) and, sampled every 20 ms, the summed PSS of the whole process
-tree (a forked worker and its parent share pages; PSS counts each page once). A stage's peak is the larger of the
-two. The budget is 3x the fp32 checkpoint size. The tokenizer (vocab 49152) is a byte-level BPE trained on the repo's
-corpus, topped up with reserved tokens to the exact size; the model is built with transformers and save_pretrained
-here: nothing is downloaded."""
+(the largest RSS of the process or any child it forked) and, sampled every 20 ms while it has children, the summed PSS
+of the whole process tree (a forked worker and its parent share pages; PSS counts each page once). A stage's peak is
+the larger of the two. The budget is 3x the fp32 checkpoint size. The tokenizer (vocab 49152) is a byte-level BPE
+trained on the repo's corpus, topped up with reserved tokens to the exact size; the model is built with transformers
+and save_pretrained here: nothing is downloaded."""
 
 from __future__ import annotations
 
@@ -77,13 +77,16 @@ def _children(pid: int) -> list[int]:
 
 
 def tree_pss_mb(root: int) -> float:
-    """Physical memory of `root` and its descendants: summed PSS (shared pages split between their sharers)."""
-    total, todo = 0, [root]
+    """Physical memory of `root` and its descendants: summed PSS (shared pages split between their sharers).
+
+    0 while `root` runs alone: its ru_maxrss is then exact, and reading smaps_rollup of a large process every 20 ms
+    would cost the stage a good part of a core."""
+    tree, todo = [], [root]
     while todo:
         pid = todo.pop()
-        total += _pss_kb(pid)
+        tree.append(pid)
         todo += _children(pid)
-    return total / 1024
+    return sum(_pss_kb(pid) for pid in tree) / 1024 if len(tree) > 1 else 0.0
 
 
 def run_stage(name: str, args: list, cmd: list = CLI, env: dict | None = None) -> dict:

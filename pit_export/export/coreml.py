@@ -218,16 +218,11 @@ def _blob_values(msg):
     for field, value in msg.ListFields():
         if field.type != field.TYPE_MESSAGE:
             continue
-        items = (
-            value.values()
-            if field.message_type.GetOptions().map_entry
-            else [value]
-            if hasattr(value, "ListFields")
-            else value
-        )
-        for item in items:
-            if hasattr(item, "ListFields"):
-                yield from _blob_values(item)
+        if field.message_type.GetOptions().map_entry:
+            value = value.values()
+        for child in [value] if hasattr(value, "ListFields") else value:  # one message, or a repeated field / map
+            if hasattr(child, "ListFields"):  # map values may be scalars
+                yield from _blob_values(child)
 
 
 def merge_functions(packages: dict[str, Path], dest: Path, default: str = "main") -> None:
@@ -255,7 +250,9 @@ def merge_functions(packages: dict[str, Path], dest: Path, default: str = "main"
                 if old not in moved:
                     kind = _BLOB_KINDS[MIL_pb2.DataType.Name(value.type.tensorType.dataType)]
                     data = getattr(reader, f"read_{kind}_data")(old)
-                    key = hashlib.sha256(kind.encode() + data.tobytes()).digest()
+                    digest = hashlib.sha256(kind.encode())
+                    digest.update(np.ascontiguousarray(data))  # the array's buffer itself: no copy of a table
+                    key = digest.digest()
                     if key not in stored:
                         stored[key] = getattr(writer, f"write_{kind}_data")(data)
                     moved[old] = stored[key]
@@ -278,9 +275,8 @@ def merge_functions(packages: dict[str, Path], dest: Path, default: str = "main"
         merged.description.CopyFrom(
             Model_pb2.ModelDescription(functions=described, defaultFunctionName=default, metadata=metadata)
         )
-        merged.specificationVersion = max(
-            merged.specificationVersion, *(s.specificationVersion for s in specs.values())
-        )
+        # iOS 18 (specification 9) is the first to run multifunction models
+        merged.specificationVersion = max(9, *(s.specificationVersion for s in specs.values()))
         ct.models.MLModel(merged, weights_dir=str(weights), skip_model_load=True).save(str(dest))
 
 

@@ -16,16 +16,17 @@ import sys
 from collections.abc import Callable
 
 
-def _malloc_trim():
+def _libc_function(name: str):
+    """A function of the C library on Linux (None elsewhere, or where this libc lacks it: musl has no malloc_trim)."""
     if not sys.platform.startswith("linux"):
         return None
     try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # musl has no malloc_trim
+        return getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
+    except (OSError, AttributeError):
         return None
 
 
-_TRIM = _malloc_trim()
+_TRIM = _libc_function("malloc_trim")
 # Folded weights above this run a toolchain's heavy steps in forked children (run_forked); small ones gain nothing.
 FORK_ABOVE_BYTES = 256 * 2**20
 
@@ -104,10 +105,9 @@ def _child_setup() -> None:
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
+    prctl = _libc_function("prctl")
+    if prctl is not None:
+        prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     torch.set_num_threads(1)
 
 

@@ -209,18 +209,12 @@ def test_coreml_runtime_matches_training_graph(ref, heldout, fp32_dir, fp16_dir)
 def _blob_bytes(package, spec) -> dict[str, list[bytes]]:
     """Each function's weight.bin values, in program order, as bytes."""
     from coremltools.libmilstoragepython import _BlobStorageReader
-    from coremltools.proto import MIL_pb2
 
-    from pit_export.export.coreml import _BLOB_KINDS, _blob_values
+    from pit_export.export.coreml import _blob_values, _read_blob
 
     reader = _BlobStorageReader(str(package / "Data/com.apple.CoreML/weights/weight.bin"))
     return {
-        name: [
-            getattr(reader, f"read_{_BLOB_KINDS[MIL_pb2.DataType.Name(v.type.tensorType.dataType)]}_data")(
-                v.blobFileValue.offset
-            ).tobytes()
-            for v in _blob_values(fn)
-        ]
+        name: [_read_blob(reader, v)[1].tobytes() for v in _blob_values(fn)]
         for name, fn in spec.mlProgram.functions.items()
     }
 

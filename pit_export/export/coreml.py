@@ -225,6 +225,14 @@ def _blob_values(msg):
                 yield from _blob_values(child)
 
 
+def _read_blob(reader, value):
+    """(kind, array) of one weight.bin value, through coremltools' blob storage reader."""
+    from coremltools.proto import MIL_pb2
+
+    kind = _BLOB_KINDS[MIL_pb2.DataType.Name(value.type.tensorType.dataType)]
+    return kind, getattr(reader, f"read_{kind}_data")(value.blobFileValue.offset)
+
+
 def merge_functions(packages: dict[str, Path], dest: Path, default: str = "main") -> None:
     """One multifunction .mlpackage from single-function ones: what ct.utils.save_multifunction writes (the same
     functions, the same weight.bin with a blob shared wherever the bytes are equal), one blob at a time.
@@ -232,7 +240,7 @@ def merge_functions(packages: dict[str, Path], dest: Path, default: str = "main"
     parameters that held the vocabulary table three times and peaked 1.1 GB above the process."""
     import coremltools as ct
     from coremltools.libmilstoragepython import _BlobStorageReader, _BlobStorageWriter
-    from coremltools.proto import MIL_pb2, Model_pb2
+    from coremltools.proto import Model_pb2
 
     specs = {name: ct.utils.load_spec(str(path)) for name, path in packages.items()}
     merged = Model_pb2.Model()
@@ -248,8 +256,7 @@ def merge_functions(packages: dict[str, Path], dest: Path, default: str = "main"
             for value in _blob_values(spec.mlProgram):
                 old = value.blobFileValue.offset
                 if old not in moved:
-                    kind = _BLOB_KINDS[MIL_pb2.DataType.Name(value.type.tensorType.dataType)]
-                    data = getattr(reader, f"read_{kind}_data")(old)
+                    kind, data = _read_blob(reader, value)
                     digest = hashlib.sha256(kind.encode())
                     digest.update(np.ascontiguousarray(data))  # the array's buffer itself: no copy of a table
                     key = digest.digest()

@@ -37,6 +37,48 @@ def release_memory() -> None:
         _TRIM(0)
 
 
+_MADVISE = _libc_function("madvise")
+_MADV_DONTNEED = 4
+
+
+def release_file_pages(path, dead, live) -> int:
+    """Give back the resident pages of memory-mapped file `path` that only `dead` tensors used; returns bytes given.
+
+    safetensors maps a checkpoint once for all its tensors, and the mapping lives while any of them does: once folded,
+    Z's pages would stay resident beside the folded tables as long as a layer weight (which the folded weights share)
+    is alive. Only pages inside a mapping of `path` and outside every `live` tensor are dropped; no `dead` tensor may be
+    read afterwards (a page written in place would lose the write; a clean one would be read again from the file)."""
+    if _MADVISE is None:
+        return 0
+    page, target = os.sysconf("SC_PAGE_SIZE"), os.path.realpath(path)
+    mapped = []
+    with open("/proc/self/maps") as f:
+        for line in f:
+            fields = line.split(maxsplit=5)
+            if len(fields) == 6 and fields[5].strip() == target:
+                lo, hi = (int(x, 16) for x in fields[0].split("-"))
+                mapped.append((lo, hi))
+    keep = [(t.data_ptr() // page * page, -(-(t.data_ptr() + t.nbytes) // page) * page) for t in live]
+    given = 0
+    for t in dead:
+        lo, hi = -(-t.data_ptr() // page) * page, (t.data_ptr() + t.nbytes) // page * page
+        if hi <= lo or not any(a <= lo and hi <= b for a, b in mapped):
+            continue
+        for a, b in sorted(keep):  # cut out live tensors' pages: what is left are [lo, a) pieces
+            if a < hi and lo < b:
+                given += _advise(lo, a)
+                lo = max(lo, b)
+        given += _advise(lo, hi)
+    return given
+
+
+def _advise(lo: int, hi: int) -> int:
+    if hi <= lo:
+        return 0
+    _MADVISE(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_DONTNEED)
+    return hi - lo
+
+
 def run_forked(fn: Callable[[], None]) -> None:
     """Run `fn` in a forked child and wait for it: whatever heap it leaves behind (a tracer's graphs kept by reference
     cycles, pymalloc arenas that never shrink) goes back to the OS with the child, while the tensors the parent

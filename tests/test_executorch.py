@@ -127,6 +127,25 @@ def test_cli_exports_default_target_within_8da4w_gate(tmp_path):
     assert m["kl_mean"] < 0.05 and m["top1"] > 0.8  # what a 4-bit model should keep (llama.cpp's Q4 range)
 
 
+def test_low_memory_lowering_writes_the_same_program(fp32_dir, pit_ckpt, tmp_path):
+    """The export lowers inside lean_lowering (partition copies share the constant tensors, XNNPACK's weight
+    blobs wait on disk): that changes where bytes wait, not what is written. The same fold lowered ExecuTorch's own
+    way gives model.pte and model.ptd equal byte for byte, and no spill folder is left in the artifact."""
+    from pit_export.export.executorch import EtDecoder, export_programs, lower, metadata
+    from pit_export.export.lean_lowering import SPILL_BYTES
+
+    fw = fold(pit_ckpt, "shared-z")[0]
+    spilled = sum(t.nbytes >= SPILL_BYTES for t in fw.tensors.values())
+    assert spilled >= 5 * fw.cfg.n_layers  # the fixture spilled wq, wo and the MLP weights of every layer
+    program = lower(export_programs(EtDecoder(fw)), metadata(fw.cfg), external=True)
+    with open(tmp_path / "model.pte", "wb") as f:
+        program.write_to_file(f)
+    program.write_tensor_data_to_file(str(tmp_path))
+    for name in ("model.pte", "model.ptd"):
+        assert (tmp_path / name).read_bytes() == (fp32_dir / name).read_bytes(), name
+    assert not [p.name for p in fp32_dir.iterdir() if p.name.startswith(".")]
+
+
 def test_shared_table_is_stored_once(fp32_dir, pit_ckpt):
     """Gather and head read one table: with the weights in model.ptd (content-deduplicated named data) the artifact
     is the size of the folded shared-z weights, one V x d table, plus a small overhead; embed/unembed add nothing."""

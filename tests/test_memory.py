@@ -1,4 +1,5 @@
-"""run_forked: the work happens in a child whose heap dies with it; files and failures come back."""
+"""run_forked: the work happens in a child whose heap dies with it; files and failures come back.
+release_file_pages: a memory-mapped checkpoint gives back the pages of tensors nobody reads any more."""
 
 import os
 import resource
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 
 from pit_export.errors import BadInput
-from pit_export.memory import run_forked
+from pit_export.memory import release_file_pages, run_forked
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="fork isolation is Linux-only")
 
@@ -78,3 +79,45 @@ def test_a_terminated_child_removes_only_its_own_temporary_folders(tmp_path):
             run_forked(work)
         assert parents.is_dir()
     assert not Path((tmp_path / "mine").read_text()).exists()
+
+
+def _mapped_rss(path: Path) -> int:
+    """Resident bytes of this process's mappings of `path` (/proc/self/smaps)."""
+    rss, inside, target = 0, False, os.path.realpath(path)
+    for line in open("/proc/self/smaps"):
+        fields = line.split()
+        if "-" in fields[0] and len(fields) >= 5 and ":" in fields[3]:  # a mapping's header line
+            inside = fields[-1] == target
+        elif inside and fields[0] == "Rss:":
+            rss += int(fields[1]) * 1024
+    return rss
+
+
+def test_released_pages_leave_the_mapping_and_live_tensors_keep_theirs(tmp_path):
+    """Three tensors mapped from one safetensors file, all read (so resident): releasing the first two while a view
+    of the second stays live gives back the first's whole pages and nothing of the view's; the live tensors keep
+    their values, and the file's resident size drops by exactly what was given."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    n, page = 2**20, os.sysconf("SC_PAGE_SIZE")  # 4 MiB of float32 each
+    gen = torch.Generator().manual_seed(0)
+    src = {k: torch.randn(n, generator=gen) for k in ("a", "b", "c")}
+    save_file(src, tmp_path / "w.safetensors")
+    t = load_file(tmp_path / "w.safetensors")
+    assert sum(v.sum().item() for v in t.values()) == pytest.approx(sum(v.sum().item() for v in src.values()))
+    before = _mapped_rss(tmp_path / "w.safetensors")
+    view = t["b"][n // 2 :]
+    given = release_file_pages(tmp_path / "w.safetensors", [t["a"], t["b"]], [view, t["c"]])
+    assert given % page == 0
+    assert 6 * n - 4 * page <= given <= 6 * n  # a and half of b (4n + 2n bytes, inward to pages), not the view
+    assert before - _mapped_rss(tmp_path / "w.safetensors") == given
+    assert torch.equal(view, src["b"][n // 2 :]) and torch.equal(t["c"], src["c"])
+
+
+def test_memory_not_mapped_from_the_file_is_left_alone(tmp_path):
+    import torch
+
+    anon = torch.ones(2**22)
+    assert release_file_pages(tmp_path / "absent.safetensors", [anon], []) == 0
+    assert anon.sum().item() == 2**22

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from pit_export.errors import BadInput, Unavailable
 from pit_export.fold import fold
-from pit_export.memory import release_memory
+from pit_export.memory import release_file_pages, release_memory
 from pit_export.models.checkpoint import CONFIG, TOKENIZER, WEIGHTS, Checkpoint, atomic_dir, file_sha256
 from pit_export.quantize import get_scheme
 
@@ -124,7 +124,10 @@ def export_artifact(
     progress(f"fold ({layout})")
     fw, fold_report = fold(ckpt, layout)
     if release_source:
+        dead = list(ckpt.model.state_dict().values())
         ckpt.model = None
+        release_file_pages(ckpt.path / WEIGHTS, dead, fw.tensors.values())  # Z and T, still mapped
+        del dead
     release_memory()  # the fold report's float64 chunks
     manifest: dict = {}
 

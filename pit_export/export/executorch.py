@@ -18,6 +18,7 @@ ship model.pte + model.ptd. Quantized heads are packed by XNNPACK in its own for
 
 from __future__ import annotations
 
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from torch.export import export as torch_export
 
 from pit_export.decoder import CachedAttention, Decoder, FoldedWeights
 from pit_export.errors import BadInput
+from pit_export.export.lean_lowering import lean_lowering
 from pit_export.quantize import Scheme
 
 PTE, DATA_TAG = "model.pte", "model"  # weights file: DATA_TAG.ptd
@@ -204,11 +206,12 @@ def export(fw: FoldedWeights, scheme: Scheme, out: Path, ckpt, progress) -> dict
     progress("lower to XNNPACK")
     meta = metadata(fw.cfg)
     external = fw.layout != "untied"  # the only way ExecuTorch keeps one copy of a shared table
-    program = lower(programs, meta, external)
-    with open(Path(out) / PTE, "wb") as f:  # streams the program's segments: .buffer would join them into one copy
-        program.write_to_file(f)
-    if external:
-        program.write_tensor_data_to_file(str(out))
+    with tempfile.TemporaryDirectory(prefix=".lowering-", dir=out) as spill, lean_lowering(Path(spill)):
+        program = lower(programs, meta, external)
+        with open(Path(out) / PTE, "wb") as f:  # streams the program's segments: .buffer would join them into one copy
+            program.write_to_file(f)
+        if external:
+            program.write_tensor_data_to_file(str(out))
     t2 = time.perf_counter()
     return {
         "deploy_files": [PTE] + ([f"{DATA_TAG}.ptd"] if external else []),

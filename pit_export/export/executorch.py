@@ -14,6 +14,8 @@ Shared layouts: inside one .pte a table read by both the gather (a portable-kern
 constant segment) and the head matmul (XNNPACK's named data) is stored twice. Moved to an external model.ptd, both
 land in one named-data store, which deduplicates by content: the fp32 table is stored once. So shared layouts
 ship model.pte + model.ptd. Quantized heads are packed by XNNPACK in its own format, so only fp32 shares.
+
+Lowering and writing run inside lean_lowering (lean_lowering.py): the same bytes, with the weights in memory once.
 """
 
 from __future__ import annotations

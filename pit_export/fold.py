@@ -61,8 +61,12 @@ def _body_tensors(model: Transformer) -> dict[str, torch.Tensor]:
 
 
 def rows64(table: torch.Tensor, f) -> torch.Tensor:
-    """f applied in float64 to row chunks of a V x d table, results fp32: no V x d float64 temporaries."""
-    return torch.cat([f(table[c].double()).float() for c in vocab_chunks(len(table))])
+    """f (shape-preserving) applied in float64 to row chunks of a V x d table, written into one fp32 result: no
+    V x d float64 temporaries, and no list of fp32 chunks beside their concatenation."""
+    out = torch.empty(table.shape, dtype=torch.float32)
+    for c in vocab_chunks(len(table)):
+        out[c] = f(table[c].double())
+    return out
 
 
 def fold(ckpt: Checkpoint | Transformer, layout: str) -> tuple[FoldedWeights, FoldReport]:

@@ -30,14 +30,16 @@ def lean_lowering(spill_dir: Path):
     - the per-partition copy shares the constant tensors (preprocess only reads them; ExecuTorch's CUDA backend
       copies the same way in its low-memory mode);
     - each large blob and constant buffer waits in a file in spill_dir as FileBackedData, which ExecuTorch's
-      serializer streams into the .pte / .ptd: only the constant being added is in memory.
-    - the partitioner's cycle check reads each node's transitive users from bitsets: torch keeps them as one Python
-      set per node, O(nodes^2) entries (~250 MiB for a 30-layer forward graph) whatever the weights weigh.
+      serializer streams into the .pte / .ptd: only the constant being added is in memory;
+    - the partitioners' cycle checks read each node's transitive users (and inputs) from bitsets: torch and
+      ExecuTorch keep them as Python sets, O(nodes^2) entries (~180 MiB each for a 30-layer forward graph, whatever
+      the weights weigh).
     The written program is the same, byte for byte."""
     import torch.fx.passes.infra.partitioner as fx_partitioner
     from executorch.backends.xnnpack.xnnpack_preprocess import XnnpackBackend
     from executorch.exir._serialize._cord import FileBackedData
     from executorch.exir._serialize._named_data_store import NamedDataStore
+    from executorch.exir.backend.canonical_partitioners import group_partitioner
     from executorch.exir.emit._emitter import _Emitter
 
     class Spilled(FileBackedData):
@@ -69,29 +71,45 @@ def lean_lowering(spill_dir: Path):
     assert "copy_exported_program_for_preprocess" not in XnnpackBackend.__dict__  # inherited: restored by del
     XnnpackBackend.copy_exported_program_for_preprocess = classmethod(copy_sharing_constants)
     NamedDataStore.add_named_data, _Emitter._save_new_const_tensor = add_spilled, save_spilled
-    dependency_viewer, fx_partitioner._DependencyViewer = fx_partitioner._DependencyViewer, BitsetDependencyViewer
+    viewers = fx_partitioner._DependencyViewer, group_partitioner._DependencyViewer
+    fx_partitioner._DependencyViewer = group_partitioner._DependencyViewer = BitsetDependencyViewer
     try:
         yield
     finally:
         NamedDataStore.add_named_data, _Emitter._save_new_const_tensor = add_named_data, save_const
         del XnnpackBackend.copy_exported_program_for_preprocess
-        fx_partitioner._DependencyViewer = dependency_viewer
+        fx_partitioner._DependencyViewer, group_partitioner._DependencyViewer = viewers
 
 
 class BitsetDependencyViewer:
-    """torch.fx's partitioner _DependencyViewer (every node's transitive users, for the cycle check when merging
-    partitions) with each node's users as bits of one int in graph order rather than a set of nodes."""
+    """The partitioners' _DependencyViewer (torch.fx's and ExecuTorch's group partitioner's): every node's transitive
+    users and inputs, for the cycle check when merging partitions, each kept as the bits of one int over graph order
+    rather than a set of nodes (N^2 / 8 bytes instead of ~70 N^2); iterated lazily, so a check can stop early."""
 
     def __init__(self, graph_module) -> None:
         self.nodes = list(graph_module.graph.nodes)
         index = {n: i for i, n in enumerate(self.nodes)}
         self.downstreams: dict = {}
+        self.upstreams: dict = {}
         for node in reversed(self.nodes):
             bits = 0
             for user in node.users:
                 bits |= 1 << index[user] | self.downstreams.get(user, 0)
             self.downstreams[node] = bits
+        for node in self.nodes:
+            bits = 0
+            for source in node.all_input_nodes:
+                bits |= 1 << index[source] | self.upstreams.get(source, 0)
+            self.upstreams[node] = bits
 
-    def downstreams_of(self, node) -> list:
-        bits = bin(self.downstreams.get(node, 0))[:1:-1]  # bit i at position i
-        return [self.nodes[i] for i, bit in enumerate(bits) if bit == "1"]
+    def downstreams_of(self, node):
+        return self._members(self.downstreams.get(node, 0))
+
+    def upstreams_of(self, node):
+        return self._members(self.upstreams.get(node, 0))
+
+    def _members(self, bits: int):
+        while bits:
+            low = bits & -bits
+            yield self.nodes[low.bit_length() - 1]
+            bits ^= low

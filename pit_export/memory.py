@@ -58,13 +58,13 @@ def release_file_pages(path, dead, live) -> int:
             if len(fields) == 6 and fields[5].strip() == target:
                 lo, hi = (int(x, 16) for x in fields[0].split("-"))
                 mapped.append((lo, hi))
-    keep = [(t.data_ptr() // page * page, -(-(t.data_ptr() + t.nbytes) // page) * page) for t in live]
+    keep = sorted((t.data_ptr() // page * page, -(-(t.data_ptr() + t.nbytes) // page) * page) for t in live)
     given = 0
     for t in dead:
         lo, hi = -(-t.data_ptr() // page) * page, (t.data_ptr() + t.nbytes) // page * page
         if hi <= lo or not any(a <= lo and hi <= b for a, b in mapped):
             continue
-        for a, b in sorted(keep):  # cut out live tensors' pages: what is left are [lo, a) pieces
+        for a, b in keep:  # cut out live tensors' pages: what is left are [lo, a) pieces
             if a < hi and lo < b:
                 given += _advise(lo, a)
                 lo = max(lo, b)

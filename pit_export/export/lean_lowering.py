@@ -1,8 +1,9 @@
 """ExecuTorch's XNNPACK lowering with the weights in memory once: a few of its steps, swapped for the duration.
 
 Left alone, lowering an fp32 SmolLM2-135M-shaped program peaks at 5.3x its checkpoint: the weights three times over,
-plus a quadratic-in-nodes structure of torch.fx's partitioner. Each swap below writes the same program, byte for byte
-(tests/test_executorch.py); the pins in pyproject.toml fix the versions they were made against."""
+plus a quadratic-in-nodes structure of the partitioners (torch.fx's and ExecuTorch's). Each swap below writes the same
+program, byte for byte (tests/test_executorch.py); the pins in pyproject.toml fix the versions they
+were made against."""
 
 from __future__ import annotations
 
@@ -46,13 +47,13 @@ def lean_lowering(spill_dir: Path):
         def __deepcopy__(self, memo):  # immutable bytes on disk: copies of the program share them, as with bytes
             return self
 
-    def spill(data):
+    def spill(data, sha256: bytes | None = None):
         if not isinstance(data, bytes) or len(data) < SPILL_BYTES:
             return data
         fd, path = tempfile.mkstemp(suffix=".bin", dir=spill_dir)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-        return Spilled(path, cleanup=True, sha256=hashlib.sha256(data).digest())
+        return Spilled(path, cleanup=True, sha256=sha256 or hashlib.sha256(data).digest())
 
     def copy_sharing_constants(cls, program, compile_specs):
         tensors = (*program.state_dict.values(), *program.constants.values())
@@ -65,7 +66,7 @@ def lean_lowering(spill_dir: Path):
 
     def save_spilled(self, spec, data, hashed, allocation_info=None, constant_tag=None):
         if allocation_info is None and constant_tag is None:  # the program's constant buffer (not mutable, not .ptd)
-            data = spill(data)
+            data = spill(data, bytes.fromhex(hashed))  # the emitter's key is the data's sha256 already
         return save_const(self, spec, data, hashed, allocation_info, constant_tag)
 
     assert "copy_exported_program_for_preprocess" not in XnnpackBackend.__dict__  # inherited: restored by del

@@ -147,37 +147,120 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     return Checkpoint(path, cfg, model, tok, ortho)
 
 
-def atomic_dir(dest: Path, write, force: bool = False) -> Path:
-    """Build a folder in a temporary sibling, fsync it, then rename it into place: never a partial artifact.
+# Every folder pit-export writes carries this file: the files it wrote and their sizes. `--force` replaces only a
+# folder whose every file is listed here, unchanged in size; anything else in an output location is the user's.
+MARKER = ".pit-export.json"
 
-    An existing `dest` is refused unless `force`, and then replaced only once the new one is complete. Failures of
-    the destination (full disk, read-only, permissions) become OutputError; any exception removes the temporary
-    folder, and so does an interrupt (the signal handler removes what PENDING lists). Temporaries left by a killed
-    process (SIGKILL cannot be caught) carry its pid and are removed by the next run."""
+
+def _listing(root: Path) -> dict[str, int]:
+    """Relative path -> size of every file and symlink under root (symlinks not followed), the marker excluded."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
+            p = Path(dirpath, name)
+            rel = p.relative_to(root).as_posix()
+            if rel != MARKER:
+                out[rel] = -1 if p.is_symlink() else p.lstat().st_size
+    return out
+
+
+def write_marker(root: Path) -> None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        ver = version("pit-export")
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree without an install
+        ver = "unknown"
+    doc = {"written_by": "pit-export", "version": ver, "files": dict(sorted(_listing(root).items()))}
+    (root / MARKER).write_text(json.dumps(doc, indent=1) + "\n")
+
+
+def foreign_files(root: Path) -> list[str] | None:
+    """None if pit-export wrote `root` and nothing in it changed since; else the files that are not its own
+    (unlisted, or a listed file whose size changed). An empty folder has none."""
+    have = _listing(root)
+    try:
+        doc = json.loads((root / MARKER).read_text()) if (root / MARKER).is_file() else None
+    except (OSError, ValueError):
+        doc = None
+    if not isinstance(doc, dict) or doc.get("written_by") != "pit-export" or not isinstance(doc.get("files"), dict):
+        return sorted(have) if have or (root / MARKER).exists() else None
+    wrote = doc["files"]
+    foreign = sorted(f for f, n in have.items() if wrote.get(f) != n)
+    return foreign or None
+
+
+def _within(a: Path, b: Path) -> bool:
+    """a is b or lies inside b (resolved paths)."""
+    return a == b or b in a.parents
+
+
+def check_output(dest: Path, force: bool, inputs=()) -> None:
+    """Refuse, before any work, an output that would remove or change what pit-export did not write.
+
+    The output must not be, contain or lie inside an input (resolved, symlinks followed); an existing folder is used
+    only if it is empty, or replaced with `force` only if pit-export wrote it (its marker lists every file)."""
     dest = Path(dest)
-    if dest.exists() and not force:
+    if dest.is_symlink():
+        raise OutputError(f"{dest} is a symbolic link; pass the folder itself as the output (links are never replaced)")
+    out = dest.resolve()
+    for i in inputs:
+        if i is None:
+            continue
+        src = Path(i).resolve()
+        if out == src:
+            raise OutputError(f"output {dest} is the input {i}; choose another output folder")
+        if _within(src, out):
+            raise OutputError(f"output {dest} contains the input {i}; choose another output folder")
+        if _within(out, src):
+            raise OutputError(f"output {dest} lies inside the input {i}; choose a folder outside it")
+    if not dest.exists():
+        return
+    if not dest.is_dir():
+        raise OutputError(f"{dest} exists and is not a folder; pit-export replaces only folders it wrote")
+    foreign = foreign_files(dest)
+    if foreign is not None:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise OutputError(
+            f"{dest} holds files pit-export did not write or that changed since ({shown}); --force replaces only "
+            "pit-export's own untouched output folders: choose another --out, or move those files away"
+        )
+    if any(dest.iterdir()) and not force:
         raise OutputError(f"{dest} exists; pass --force to replace it")
-    if dest.exists() and not dest.is_dir():
-        raise OutputError(f"{dest} exists and is not a folder")
+
+
+def atomic_dir(dest: Path, write, force: bool = False, inputs=()) -> Path:
+    """Build a folder in a temporary sibling, fsync it, then swap it into place: never a partial artifact.
+
+    check_output decides whether `dest` may be used: absent or empty, or (with `force`) a folder pit-export wrote,
+    untouched since; it runs again right before the swap. The swap is one renameat2(RENAME_EXCHANGE), so `dest`
+    always holds the old or the new folder, whatever kills the process; where the filesystem cannot exchange, two
+    renames, and a later run puts back an old folder that a kill left hidden. Failures of the destination (full
+    disk, read-only, permissions) become OutputError; any exception removes the temporary folder, and so does an
+    interrupt (the signal handler removes what PENDING lists). Temporaries left by a killed process (SIGKILL cannot
+    be caught) carry its pid and are removed by the next run."""
+    dest = Path(dest)
+    if dest.parent.is_dir():
+        _remove_orphans(dest)  # first: it may put back an old folder that a killed run left hidden
+    check_output(dest, force, inputs)
     tmp = None
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        _remove_orphans(dest)
         with _signals_deferred():  # registered as soon as it exists, so an interrupt always finds it
             tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.{_TMP_TAG}{os.getpid()}-", dir=dest.parent))
             PENDING.add(tmp)
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp's 0700 is for the temporary; the output gets the usual mode
         write(tmp)
+        write_marker(tmp)
         _fsync_tree(tmp)
-        with _signals_deferred():  # an interrupt between the two renames would hide the old folder
+        check_output(dest, force, inputs)  # the folder may have changed while we worked
+        with _signals_deferred():
             if dest.exists():
-                old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.{_TMP_TAG}{os.getpid()}-old", dir=dest.parent))
-                old.rmdir()
-                dest.rename(old)
-                tmp.rename(dest)
-                shutil.rmtree(old, ignore_errors=True)
+                _swap_in(tmp, dest)  # tmp now holds the old folder, removed below
             else:
                 tmp.rename(dest)
-            PENDING.discard(tmp)
+                PENDING.discard(tmp)
+                tmp = None
     except Exception as e:
         reason = e.reason if isinstance(e, OutputError) else _output_failure(e)
         if reason is None:
@@ -189,6 +272,43 @@ def atomic_dir(dest: Path, write, force: bool = False) -> Path:
             PENDING.discard(tmp)
             shutil.rmtree(tmp, ignore_errors=True)
     return dest
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_RENAME_EXCHANGE, _AT_FDCWD = 2, -100
+
+
+def _renameat2_exchange(a: Path, b: Path) -> bool:
+    """Atomically exchange two paths (Linux renameat2); False where the kernel or filesystem cannot."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _swap_in(tmp: Path, dest: Path) -> None:
+    """Put the complete folder `tmp` at `dest`; afterwards `tmp` holds the previous `dest`."""
+    if _renameat2_exchange(tmp, dest):
+        return
+    old = dest.parent / f".{dest.name}.{_TMP_TAG}{os.getpid()}-old"  # restored by the next run if we die here
+    dest.rename(old)
+    tmp.rename(dest)
+    old.rename(tmp)
 
 
 PENDING: set[Path] = set()  # this process's temporary folders: an interrupt removes them before it exits
@@ -216,9 +336,18 @@ _TMP_TAG = "pit-tmp-"  # .NAME.pit-tmp-PID-XXXX: the pid tells whether its write
 
 
 def _remove_orphans(dest: Path) -> None:
-    for p in dest.parent.glob(f".*.{_TMP_TAG}*"):
+    """Temporaries of dead pit-export processes go; an old folder a killed two-rename swap left hidden comes back."""
+    for p in sorted(dest.parent.glob(f".*.{_TMP_TAG}*"), key=lambda p: not p.name.endswith("-old")):
         pid = p.name.rsplit(_TMP_TAG, 1)[1].split("-")[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+        if not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid)):
+            continue
+        target = dest.parent / p.name[1:].rsplit(f".{_TMP_TAG}", 1)[0]
+        if p.name.endswith("-old") and not target.exists() and not target.is_symlink():
+            try:
+                p.rename(target)
+            except OSError:
+                pass  # left where it is for a later run, never removed
+        else:
             shutil.rmtree(p, ignore_errors=True)
 
 

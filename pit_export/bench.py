@@ -284,6 +284,28 @@ def default_out(info: dict, where: str) -> Path:
     return RESULTS / f"bench-{info['backend']}-{where}.json"
 
 
+BENCH_KEYS = {"schema", "where", "label", "machine", "artifact", "config"}  # what bench() writes, recognised
+
+
+def check_out_file(path: Path, artifact: Path) -> None:
+    """The JSON may replace only an earlier bench result, and never lands in (or on) the artifact it measures."""
+    from pit_export.models.checkpoint import OutputError
+
+    path = Path(path)
+    out, art = path.resolve(), Path(artifact).resolve()
+    if out == art or art in out.parents or out in art.parents:
+        raise OutputError(f"--out {path} is or lies inside the artifact {artifact}; choose a file outside it")
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        raise OutputError(f"--out {path} exists and is not a plain file; choose another file")
+    if path.exists():
+        try:
+            ours = BENCH_KEYS <= set(json.loads(path.read_text()))
+        except (OSError, ValueError, TypeError):
+            ours = False
+        if not ours:
+            raise OutputError(f"--out {path} exists and is not a pit-export bench result; choose another file")
+
+
 def write_json(data: dict, path: Path):
     from pit_export.models.checkpoint import OutputError
 

@@ -36,7 +36,9 @@ LIVE: list[Progress] = []  # the progress display on screen, if any
 CkptArg = Annotated[Path, typer.Argument(help="Checkpoint folder (config.json, model.safetensors, tokenizer.json).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout.")]
 ThreadsOpt = Annotated[int, typer.Option(help="CPU threads for the runtimes.")]
-ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing output folder.")]
+ForceOpt = Annotated[
+    bool, typer.Option("--force", help="Replace an existing output folder that pit-export wrote (never other files).")
+]
 
 
 @app.callback()
@@ -65,12 +67,12 @@ def progress(enabled: bool = True):
             LIVE.remove(p)
 
 
-def _check_out(path: Path, force: bool):
-    """Before any work: an unusable output is said now, not after minutes of exporting (atomic_dir checks again)."""
-    if path.exists() and not force:
-        raise OutputError(f"{path} exists; pass --force to replace it")
-    if path.exists() and not path.is_dir():
-        raise OutputError(f"{path} exists and is not a folder")
+def _check_out(path: Path, force: bool, *inputs: Path | None):
+    """Before any work: an unusable output is said now, not after minutes of exporting (atomic_dir checks again).
+    The output may not be, contain or lie inside an input; --force replaces only a folder pit-export wrote."""
+    from pit_export.models.checkpoint import check_output
+
+    check_output(path, force, inputs)
 
 
 def _load(path: Path):
@@ -152,7 +154,7 @@ def fold_cmd(
     """Fold the Cholesky transform into static matrices (float64 solves) and write a folded PyTorch model."""
     from pit_export.fold import fold, save_folded
 
-    _check_out(out_dir, force)
+    _check_out(out_dir, force, ckpt)
     c = _load(ckpt)
     fw, rep = fold(c, layout)
     save_folded(out_dir, fw, rep, c, force)
@@ -314,7 +316,7 @@ def export_cmd(
         validate=check,
     )
     pipeline.check_options(opts)
-    _check_out(out_dir, force)
+    _check_out(out_dir, force, ckpt, baseline, gates)
     c = _load(ckpt)
     opts.baseline = _load(baseline) if baseline else None
     with progress(not json_out) as p:
@@ -418,10 +420,13 @@ def bench_cmd(
     cfg = bench.BenchConfig(
         bench.parse_ints(threads, "--threads"), bench.parse_ints(prompt_len, "--prompt-len"), gen, repeats, instructions
     )
+    if out_file is not None:
+        bench.check_out_file(out_file, artifact)
     with progress(not json_out) as p:
         task = p.add_task("bench", total=None)
         data = bench.bench(artifact, where, cfg, lambda m: p.update(task, description=m))
     path = out_file or bench.default_out(data["artifact"], where)
+    bench.check_out_file(path, artifact)
     bench.write_json(data, path)
     _emit(data, json_out, bench.table(data))
     if not json_out:
@@ -453,9 +458,9 @@ def train(
     if from_ckpt is not None:
         import torch
 
-        from pit_export.adapt import AdaptConfig, adapt
+        from pit_export.adapt import AdaptConfig, adapt, teacher_of
 
-        _check_out(out_dir, force)
+        _check_out(out_dir, force, from_ckpt, teacher or teacher_of(from_ckpt), tokenizer_from)
         torch.set_num_threads(threads)
         ac = AdaptConfig(steps=steps or AdaptConfig.steps, train_body=train_body)
         rep = adapt(from_ckpt, out_dir, ac, teacher, progress=lambda m: err.print(f"[dim]{m}[/dim]"), force=force)
@@ -464,7 +469,7 @@ def train(
     steps = steps or 800
     if tying not in TYINGS:
         raise BadInput(f"--tying must be one of {TYINGS}")
-    _check_out(out_dir, force)
+    _check_out(out_dir, force, tokenizer_from)
     with progress() as p:
         task = p.add_task("training", total=steps)
 
@@ -518,7 +523,7 @@ def import_hf_cmd(
 
     from pit_export.hf_import import import_hf
 
-    _check_out(out_dir, force)
+    _check_out(out_dir, force, src)
     torch.set_num_threads(threads)
     rep = import_hf(
         src, out_dir, init, max_seq_len, n_windows, progress=lambda m: err.print(f"[dim]{m}[/dim]"), force=force

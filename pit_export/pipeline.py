@@ -143,7 +143,8 @@ def run(
         progress("report", "writing report")
         report.write(result, tmp)
 
-    atomic_dir(out, write, opts.force)
+    inputs = (ckpt.path, opts.baseline.path if opts.baseline is not None else None)
+    atomic_dir(out, write, opts.force, inputs)
     return result
 
 

@@ -498,9 +498,12 @@ def _complete(out: Path) -> bool:
     return True
 
 
-def kill_trials(tmp_path: Path, n: int, seed: int = 1) -> dict[str, int]:
+def kill_trials(tmp_path: Path, n: int, seed: int = 1, replace: bool = False) -> dict[str, int]:
     """Interrupt `pit-export export` at random points of its run (import, fold, trace, quantize, write, validate,
-    report, rename) with SIGINT, SIGTERM or SIGKILL. The output folder is absent or complete, never partial."""
+    report, rename) with SIGINT, SIGTERM or SIGKILL. The output folder is absent or complete, never partial.
+
+    `replace`: each run is `--force` over a previous complete output: afterwards the folder holds the old output or
+    the new one, complete, never neither."""
     import signal
     import time
 
@@ -515,7 +518,14 @@ def kill_trials(tmp_path: Path, n: int, seed: int = 1) -> dict[str, int]:
     for i in range(n):
         sig = [signal.SIGINT, signal.SIGTERM, signal.SIGKILL][i % 3]
         out = tmp_path / f"o{i}"
-        proc = subprocess.Popen([*cmd, "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        extra = []
+        if replace:
+            shutil.copytree(tmp_path / "full", out)
+            old_report = (out / "report.json").read_bytes()
+            extra = ["--force"]
+        proc = subprocess.Popen(
+            [*cmd, "--out", str(out), *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
         try:
             proc.wait(timeout=rng.uniform(0.3, 1.1 * duration))
         except subprocess.TimeoutExpired:
@@ -527,6 +537,9 @@ def kill_trials(tmp_path: Path, n: int, seed: int = 1) -> dict[str, int]:
             continue
         # a signal after the final rename finds the output already complete; before it, there is no output
         assert not out.exists() or _complete(out), f"trial {i}: partial output after signal {sig}"
+        if replace:  # before the swap the old output, after it the new one: never neither
+            assert out.exists() and _complete(out), f"trial {i}: the replaced output is gone after signal {sig}"
+            outcome["kept old"] = outcome.get("kept old", 0) + ((out / "report.json").read_bytes() == old_report)
         if sig == signal.SIGKILL:
             outcome["killed"] += 1
             assert proc.returncode == -signal.SIGKILL
@@ -545,6 +558,10 @@ def kill_trials(tmp_path: Path, n: int, seed: int = 1) -> dict[str, int]:
 
 def test_interrupted_export_leaves_nothing_partial(tmp_path):
     print(kill_trials(tmp_path, 4))
+
+
+def test_interrupted_force_replacement_keeps_old_or_new(tmp_path):
+    print(kill_trials(tmp_path, 3, seed=3, replace=True))
 
 
 def test_signal_after_the_report_does_not_kill_a_finished_run(tmp_path):
@@ -572,6 +589,13 @@ def test_interrupted_export_20_trials(tmp_path):
     out = kill_trials(tmp_path, 21, seed=2)
     print(out)
     assert out["interrupted"] + out["killed"] >= 10  # the kill points did land inside the run
+
+
+@pytest.mark.slow
+def test_interrupted_force_replacement_20_trials(tmp_path):
+    out = kill_trials(tmp_path, 21, seed=4, replace=True)
+    print(out)
+    assert out["interrupted"] + out["killed"] >= 10
 
 
 # ---------------------------------------------------------------- reproducibility

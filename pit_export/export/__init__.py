@@ -22,7 +22,7 @@ from pathlib import Path
 from pit_export.errors import BadInput, Unavailable
 from pit_export.fold import fold
 from pit_export.memory import release_file_pages, release_memory
-from pit_export.models.checkpoint import CONFIG, TOKENIZER, WEIGHTS, Checkpoint, atomic_dir, file_sha256
+from pit_export.models.checkpoint import CONFIG, MARKER, TOKENIZER, WEIGHTS, Checkpoint, atomic_dir, file_sha256
 from pit_export.quantize import get_scheme
 
 META = "pit_export.json"
@@ -86,7 +86,7 @@ def tool_versions() -> dict[str, str]:
 
 def file_manifest(folder: Path) -> dict[str, dict]:
     files = {}
-    for f in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != META):
+    for f in sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in (META, MARKER)):
         files[f.relative_to(folder).as_posix()] = {"bytes": f.stat().st_size, "sha256": file_sha256(f)}
     return files
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import math
 import os
+import re
 import shutil
 import signal
 import struct
@@ -24,7 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from tokenizers import Tokenizer
 
-from .pit import ModelConfig, Transformer, expected_shapes
+from .pit import ModelConfig, Transformer, cache_bytes, expected_shapes, shown
 
 CONFIG, WEIGHTS, TOKENIZER = "config.json", "model.safetensors", "tokenizer.json"
 CHECKSUM = "model.safetensors.sha256"  # written on save, verified on load when present: catches any flipped bit
@@ -71,18 +73,167 @@ def orthonormality_error(z: torch.Tensor) -> float:
     return (z.T @ z - torch.eye(z.shape[1], dtype=torch.float64)).abs().max().item()
 
 
-def check_tensors(cfg: ModelConfig, tensors: dict[str, torch.Tensor]) -> float | None:
-    """Shapes vs config, finiteness, PIT invariants. Returns max |Z^T Z - I| for PIT."""
+# ---------------------------------------------------------------- the config against the weights' header
+#
+# Everything a config could make us allocate (layers, tables, caches) is checked against the safetensors header (names,
+# shapes, dtypes: no tensor data read) and against fixed bounds first, so a corrupted or hostile config.json is one
+# line and exit 2 in milliseconds, not an allocator failure after gigabytes.
+
+MAX_CONFIG_BYTES = 1 << 20  # a model config is a few hundred bytes (an HF one a few KB)
+MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit
+ST_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+ST_SIZES |= {"U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
+ST_FLOATS = {"F64", "F32", "F16", "BF16"}
+Header = dict[str, tuple[str, tuple[int, ...]]]  # tensor name -> (safetensors dtype, shape)
+
+
+def read_json(path: Path, what: str = "config", limit: int = MAX_CONFIG_BYTES):
+    """A small JSON file, refused unread when it is larger than any real one."""
+    size = path.stat().st_size
+    if size > limit:
+        raise CheckpointError(f"{path}: {size:,} bytes, beyond the {limit:,} a {what} can take")
+    try:
+        return json.loads(path.read_bytes())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not JSON ({str(e).splitlines()[0][:120]})") from None
+
+
+def read_header(path: Path) -> Header:
+    """The safetensors header of `path`, checked for self-consistency (offsets within the file, sizes matching
+    shapes and dtypes); reads the first 8 + header bytes only."""
+    size = path.stat().st_size
+
+    def bad(why: str):
+        return CheckpointError(f"{path}: unreadable safetensors ({why})")
+
+    with open(path, "rb") as f:
+        if size < 8:
+            raise bad(f"{size} bytes, shorter than the header length")
+        n = int.from_bytes(f.read(8), "little")
+        if n > min(size - 8, MAX_HEADER_BYTES):
+            raise bad(f"header length {n:,} beyond the file's {size:,} bytes")
+        try:
+            doc = json.loads(f.read(n))
+        except (ValueError, UnicodeDecodeError):
+            raise bad("header is not JSON") from None
+    if not isinstance(doc, dict):
+        raise bad("header is not a JSON object")
+    out: Header = {}
+    data = size - 8 - n
+    for name, e in doc.items():
+        if name == "__metadata__":
+            continue
+        ok = isinstance(e, dict) and e.get("dtype") in ST_SIZES and isinstance(e.get("shape"), list)
+        ok = ok and all(type(d) is int and d >= 0 for d in e["shape"]) and isinstance(e.get("data_offsets"), list)
+        ok = ok and len(e["data_offsets"]) == 2 and all(type(o) is int for o in e["data_offsets"])
+        if not ok:
+            raise bad(f"entry {shown(name)} malformed")
+        a, b = e["data_offsets"]
+        nbytes = math.prod(e["shape"]) * ST_SIZES[e["dtype"]]
+        if not 0 <= a <= b <= data or b - a != nbytes:
+            raise bad(f"tensor {shown(name)} lies outside the file or disagrees with its shape")
+        out[name] = (e["dtype"], tuple(e["shape"]))
+    return out
+
+
+_LAYER = re.compile(r"^layers\.(\d+)\.")
+
+
+def layer_count(names, pattern: re.Pattern = _LAYER) -> tuple[int, int | None]:
+    """(layers present, first missing index below the highest) from tensor names like layers.N.…"""
+    ids = sorted({int(m.group(1)) for n in names if (m := pattern.match(n))})
+    gap = next((i for i, j in enumerate(ids) if i != j), None)
+    return len(ids), gap
+
+
+def check_header(
+    cfg: ModelConfig, header: Header, config_name: str = CONFIG, keys=None, strict: bool = True, label=None
+) -> None:
+    """The config against the weights' header (in training-graph tensor names), before anything is built from it: the
+    layer count first (it sizes everything else), then the sizes a tensor states, then every tensor's name, shape and
+    dtype. `keys` names the config's keys as the file spells them (an HF config's num_hidden_layers, ...), `label`
+    the tensors; `strict`: a tensor the config does not call for is an error (a PIT checkpoint), else ignored (an HF
+    folder's extras)."""
+    key = (keys or {}).get
+    label = label or (lambda name: name)
+    if strict:
+        for name, (dt, _) in sorted(header.items()):
+            if dt not in ST_FLOATS:
+                raise CheckpointError(f"tensor {label(name)} has dtype {dt}, expected a float dtype")
+    n, gap = layer_count(header)
+    if n == 0:
+        raise CheckpointError(
+            f"tensor {label('layers.0.attention_norm.weight')} missing: the weights hold no layers ({config_name} "
+            f"{key('n_layers', 'n_layers')}={shown(cfg.n_layers)})"
+        )
+    if gap is not None:
+        raise CheckpointError(f"tensors of layer {gap} missing: the weights hold {n} layers, not numbered 0..{n - 1}")
+    if cfg.n_layers != n:
+        raise CheckpointError(
+            f"{config_name} {key('n_layers', 'n_layers')}={shown(cfg.n_layers)}, but the weights hold {n} layers"
+        )
+    table = "pit.z" if cfg.tying == "pit" else "tok_embeddings.weight"
+    derived = []  # (config field, value the weights imply, the tensor that says so)
+    if table in header and len(header[table][1]) == 2:
+        v, d = header[table][1]
+        derived += [("vocab_size", v, table), ("dim", d, table)]
+    w1 = header.get("layers.0.feed_forward.w1.weight")
+    if w1 and len(w1[1]) == 2:
+        derived.append(("ffn_dim", w1[1][0], "layers.0.feed_forward.w1.weight"))
+    wk = header.get("layers.0.attention.wk.weight")
+    if wk and len(wk[1]) == 2 and wk[1][0] % cfg.head_dim == 0:
+        derived.append(("n_kv_heads", wk[1][0] // cfg.head_dim, "layers.0.attention.wk.weight"))
+    for field, want, tensor in derived:
+        if getattr(cfg, field) != want:
+            name = key(field, field)
+            raise CheckpointError(
+                f"{config_name} {name}={shown(getattr(cfg, field))} disagrees with the weights: {label(tensor)} has "
+                f"shape {list(header[tensor][1])} ({name} {want})"
+            )
     want = expected_shapes(cfg)
-    for name in sorted(set(want) - set(tensors)):
-        raise CheckpointError(f"tensor {name} missing (expected shape {list(want[name])})")
-    for name in sorted(set(tensors) - set(want)):
-        raise CheckpointError(f"unexpected tensor {name} {list(tensors[name].shape)} for tying={cfg.tying}")
+    for name in sorted(set(want) - set(header)):
+        raise CheckpointError(f"tensor {label(name)} missing (expected shape {list(want[name])})")
+    if strict:
+        for name in sorted(set(header) - set(want)):
+            raise CheckpointError(f"unexpected tensor {name} {list(header[name][1])} for tying={cfg.tying}")
+    for name, shape in want.items():
+        dt, have = header[name]
+        if have != shape:
+            raise CheckpointError(f"tensor {label(name)} has shape {list(have)}, config implies {list(shape)}")
+        if dt not in ST_FLOATS:
+            raise CheckpointError(f"tensor {label(name)} has dtype {dt}, expected a float dtype")
+
+
+# the caches are held up to this many times at once: the exporter's module, the traced program, the runtime's copy
+CACHE_COPIES = 3
+
+
+def available_memory() -> int:
+    """MemAvailable from /proc/meminfo (physical memory where that is missing), bytes."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_context(cfg: ModelConfig, where: str | Path = CONFIG) -> None:
+    """A context this machine can hold: every target allocates its KV caches and RoPE tables at max_seq_len."""
+    need, have = CACHE_COPIES * cache_bytes(cfg), available_memory()
+    if need > have:
+        gib = 2**30
+        raise CheckpointError(
+            f"{where}: max_seq_len={cfg.max_seq_len:,} needs ~{need / gib:.1f} GiB for the KV caches and RoPE tables "
+            f"({CACHE_COPIES} copies at the peak); this machine has {have / gib:.1f} GiB available: lower max_seq_len"
+        )
+
+
+def check_tensors(cfg: ModelConfig, tensors: dict[str, torch.Tensor]) -> float | None:
+    """Finiteness and PIT invariants (names, shapes and dtypes were checked on the header). Returns max |Z^T Z - I|
+    for PIT."""
     for name, t in tensors.items():
-        if tuple(t.shape) != want[name]:
-            raise CheckpointError(f"tensor {name} has shape {list(t.shape)}, config implies {list(want[name])}")
-        if not t.is_floating_point():
-            raise CheckpointError(f"tensor {name} has dtype {t.dtype}, expected a float dtype")
         bad = (~torch.isfinite(t)).sum().item()
         if bad:
             raise CheckpointError(f"tensor {name} has {bad} non-finite values")
@@ -118,24 +269,43 @@ def read_tokenizer(folder: Path, vocab_size: int) -> Tokenizer:
     return tok
 
 
-def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
+def read_config(path: Path) -> ModelConfig:
+    """A PIT checkpoint's (or artifact's) config.json: bounded read, every key present and of its type."""
+    doc = read_json(path / CONFIG)
+    try:
+        return ModelConfig.from_dict(doc)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path / CONFIG}: {str(e).splitlines()[0]}") from None
+
+
+def artifact_config(folder: Path) -> ModelConfig:
+    """An artifact's config.json, checked as a checkpoint's is, and its context against this machine's memory: before
+    any runtime opens it (a runtime allocates its caches from these numbers)."""
+    folder = Path(folder)
+    if not (folder / CONFIG).is_file():
+        raise CheckpointError(f"{folder}: {CONFIG} missing (not an artifact folder)")
+    cfg = read_config(folder)
+    check_context(cfg, folder / CONFIG)
+    return cfg
+
+
+def load_checkpoint(path: str | os.PathLike, runtime: bool = True) -> Checkpoint:
+    """Config, then the weights' header against it, then (with `runtime`: the caller will export or run it) the
+    context against this machine's memory, and only then the tensors."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a checkpoint folder")
     for f in (CONFIG, WEIGHTS, TOKENIZER):
         if not (path / f).is_file():
             raise CheckpointError(f"{path}: {f} missing")
-    try:
-        cfg = ModelConfig.from_dict(json.loads((path / CONFIG).read_text()))
-    except (json.JSONDecodeError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{path / CONFIG}: {e}") from None
+    cfg = read_config(path)
+    check_header(cfg, read_header(path / WEIGHTS))
+    if runtime:
+        check_context(cfg, path / CONFIG)
     try:
         tensors = load_file(path / WEIGHTS)
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{path / WEIGHTS}: unreadable safetensors ({str(e).splitlines()[0]})") from None
-    for name, t in sorted(tensors.items()):  # before the float() below erases the evidence
-        if not t.is_floating_point():
-            raise CheckpointError(f"tensor {name} has dtype {t.dtype}, expected a float dtype")
     tensors = {k: v.float() for k, v in tensors.items()}
     ortho = check_tensors(cfg, tensors)
     tok = read_tokenizer(path, cfg.vocab_size)

@@ -53,15 +53,17 @@ class ModelConfig:
             if want is None:  # other annotations check themselves below
                 continue
             if not isinstance(v, want) or (f.type in ("int", "float") and isinstance(v, bool)):
-                raise ValueError(f"{f.name} must be {f.type}, got {v!r}")
+                raise ValueError(f"{f.name} must be {f.type}, got {shown(v)}")
             if f.type in ("int", "float") and not (v > 0 or (f.name in ("bos_id", "eos_id") and v >= 0)):
-                raise ValueError(f"{f.name} must be positive, got {v!r}")
+                raise ValueError(f"{f.name} must be positive, got {shown(v)}")
             if f.type == "float" and not math.isfinite(v):
-                raise ValueError(f"{f.name} must be finite, got {v!r}")
+                raise ValueError(f"{f.name} must be finite, got {shown(v)}")
+            if f.type == "int" and f.name in INT_BOUNDS and v > INT_BOUNDS[f.name]:
+                raise ValueError(f"{f.name}={shown(v)} is beyond {INT_BOUNDS[f.name]:,} ({BOUND_WHY[f.name]})")
         if max(self.bos_id, self.eos_id) >= self.vocab_size:
             raise ValueError(f"bos_id/eos_id must be < vocab_size={self.vocab_size}")
         if self.tying not in TYINGS:
-            raise ValueError(f"tying must be one of {TYINGS}, got {self.tying!r}")
+            raise ValueError(f"tying must be one of {TYINGS}, got {shown(self.tying)}")
         if self.dim % self.n_heads or self.n_heads % self.n_kv_heads:
             raise ValueError(f"dim={self.dim}, n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads} do not divide")
         if self.head_dim % 2:
@@ -74,15 +76,39 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelConfig:
+        """A checkpoint's config: every key present (a missing rope_theta must not silently become the default),
+        none unknown, each of its type and within its bounds."""
         if not isinstance(d, dict):
             raise ValueError(f"expected a JSON object, got {type(d).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(d) - set(known), key=str)
         if unknown:
-            raise ValueError(f"unknown config keys: {sorted(unknown)}")
+            raise ValueError(
+                f"unknown config key {shown(unknown[0])}" + (f" (and {len(unknown) - 1} more)" * (len(unknown) > 1))
+            )
+        missing = [k for k in known if k not in d]
+        if missing:
+            raise ValueError(f"config key {missing[0]!r} missing")
         cfg = cls(**d)
         cfg.validate()
         return cfg
+
+
+# Upper bounds a config is held to before anything is allocated from it. The weights bound the sizes (the config must
+# agree with the tensors the safetensors header lists); these catch what no tensor shape states.
+MAX_CONTEXT = 1 << 20
+INT_BOUNDS = {"max_seq_len": MAX_CONTEXT, "bos_id": 1 << 31, "eos_id": 1 << 31}
+BOUND_WHY = {
+    "max_seq_len": "the longest context pit-export exports; on-device models use up to 128K",
+    "bos_id": "token ids are int32 in the exported graphs",
+    "eos_id": "token ids are int32 in the exported graphs",
+}
+
+
+def shown(v, width: int = 40) -> str:
+    """A config value for a one-line message: repr, cut to `width` characters."""
+    r = repr(v)
+    return r if len(r) <= width else f"{r[: width - 12]}... ({len(r):,} chars)"
 
 
 # ---------------------------------------------------------------- shared building blocks (also used by fold)
@@ -294,8 +320,35 @@ class Transformer(nn.Module):
 
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Checkpoint tensor names and shapes for a config: what loading checks against."""
-    m = torch.device("meta")
-    with m:
-        model = Transformer(cfg)
-    return {k: tuple(v.shape) for k, v in model.state_for_checkpoint().items()}
+    """Checkpoint tensor names and shapes for a config: what loading checks against. Spelled out, not read off a
+    model built on the meta device: it runs before the config is trusted (tests check the two agree)."""
+    d, hd, V = cfg.dim, cfg.head_dim, cfg.vocab_size
+    q, kv, f = cfg.n_heads * hd, cfg.n_kv_heads * hd, cfg.ffn_dim
+    per_layer = {
+        "attention_norm.weight": (d,),
+        "attention.wq.weight": (q, d),
+        "attention.wk.weight": (kv, d),
+        "attention.wv.weight": (kv, d),
+        "attention.wo.weight": (d, q),
+        "ffn_norm.weight": (d,),
+        "feed_forward.w1.weight": (f, d),
+        "feed_forward.w3.weight": (f, d),
+        "feed_forward.w2.weight": (d, f),
+    }
+    shapes = {f"layers.{i}.{k}": v for i in range(cfg.n_layers) for k, v in per_layer.items()}
+    shapes["norm.weight"] = (d,)
+    if cfg.tying == "pit":
+        shapes |= {"pit.z": (V, d), "pit.l": (d, d)}
+    else:
+        shapes["tok_embeddings.weight"] = (V, d)
+        if cfg.tying == "untied":
+            shapes["output.weight"] = (V, d)
+    return shapes
+
+
+def cache_bytes(cfg: ModelConfig) -> int:
+    """Memory an exported model of this config holds for its context, whatever the target: the K and V caches of every
+    layer (fp32, batch 1) and the RoPE tables (fp32, built in float64), at max_seq_len."""
+    kv = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * cfg.max_seq_len * 4
+    rope = cfg.max_seq_len * (cfg.head_dim // 2) * (2 * 4 + 3 * 8)
+    return kv + rope

@@ -68,10 +68,12 @@ def artifact_info(folder: Path) -> dict:
     meta_file, cfg_file = folder / "pit_export.json", folder / "config.json"
     if not meta_file.is_file() or not cfg_file.is_file():
         raise BadInput(f"{folder}: not an artifact folder (no pit_export.json / config.json)")
-    try:
-        meta, cfg = json.loads(meta_file.read_text()), json.loads(cfg_file.read_text())
-    except (OSError, ValueError) as e:
-        raise BadInput(f"{folder}: unreadable artifact metadata ({e})") from None
+    from pit_export.models.checkpoint import artifact_config, read_json
+
+    meta = read_json(meta_file, "artifact manifest", 16 << 20)
+    cfg = asdict(artifact_config(folder))
+    if not isinstance(meta, dict) or not isinstance(meta.get("deploy_files", []), list):
+        raise BadInput(f"{meta_file}: not an artifact manifest")
     files = meta.get("deploy_files") or []
     missing = [f for f in files if not (folder / f).is_file()]
     if not files or missing:

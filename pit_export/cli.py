@@ -75,10 +75,11 @@ def _check_out(path: Path, force: bool, *inputs: Path | None):
     check_output(path, force, inputs)
 
 
-def _load(path: Path):
+def _load(path: Path, runtime: bool = True):
+    """A checkpoint; `runtime`: it will be exported or run, so its context must fit this machine's memory."""
     from pit_export.models.checkpoint import load_checkpoint
 
-    return load_checkpoint(path)
+    return load_checkpoint(path, runtime)
 
 
 def _emit(data: dict, as_json: bool, table: Table | None = None):
@@ -104,14 +105,17 @@ def inspect(ckpt: CkptArg, json_out: JsonOpt = False):
 
     from pit_export.fold import reference_interface
     from pit_export.interface import model_diagnostics
+    from pit_export.models.checkpoint import CACHE_COPIES
+    from pit_export.models.pit import cache_bytes
 
-    c = _load(ckpt)
+    c = _load(ckpt, runtime=False)  # inspecting needs no caches: a context this machine cannot run is still shown
     cfg = c.config
     sd = c.model.state_for_checkpoint()
     info = {
         "path": str(ckpt),
         "config": asdict(cfg),
         "params": sum(v.numel() for v in sd.values()),
+        "context_bytes": CACHE_COPIES * cache_bytes(cfg),  # what export/validate need for KV caches + RoPE tables
         "tensors": {k: list(v.shape) for k, v in sd.items()},
     }
     if cfg.tying == "pit":
@@ -133,6 +137,7 @@ def inspect(ckpt: CkptArg, json_out: JsonOpt = False):
         "vocab x dim": f"{cfg.vocab_size} x {cfg.dim}",
         "layers / heads / kv heads": f"{cfg.n_layers} / {cfg.n_heads} / {cfg.n_kv_heads}",
         "max_seq_len": cfg.max_seq_len,
+        "context memory (export/run)": f"{info['context_bytes'] / 2**20:,.0f} MiB",
         "parameters": f"{info['params']:,}",
     }
     for k in ("cond_T", "T_eig_min", "T_eig_max", "L_diag_min", "ortho_err_max", "delta_TI_max", "delta_TI_fro"):
@@ -195,11 +200,14 @@ def validate(
 ):
     """Compare artifacts (or in-memory folds) with the training graph; exit 3 if a gate fails."""
     from pit_export.fold import fold, layouts_for
+    from pit_export.models.checkpoint import artifact_config
     from pit_export.runtimes import open_session
     from pit_export.runtimes.pytorch import FoldedSession
     from pit_export.validate import load_gates
 
     table = load_gates(gates) if gates else None
+    for a in artifact or ():  # before the reference is recorded: a bad artifact config fails in milliseconds
+        artifact_config(a)
     c = _load(ckpt)
     if artifact:
         targets = [(str(a), lambda a=a: open_session(a, threads=threads)) for a in artifact]

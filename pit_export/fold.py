@@ -21,7 +21,7 @@ from torch import nn
 from pit_export.decoder import LAYOUTS, Decoder, FoldedWeights
 from pit_export.errors import BadInput
 from pit_export.models.checkpoint import CONFIG, TOKENIZER, Checkpoint, atomic_dir, save_tensors
-from pit_export.models.pit import ModelConfig, Transformer
+from pit_export.models.pit import Transformer
 
 U32 = 2.0**-24  # unit roundoff of fp32
 FOLDED_WEIGHTS, FOLDED_META = "folded.safetensors", "pit_export.json"
@@ -261,10 +261,24 @@ def save_folded(dest: Path, fw: FoldedWeights, report: FoldReport, ckpt: Checkpo
 
 
 def load_folded(path: Path) -> FoldedWeights:
+    from pit_export.models.checkpoint import artifact_config, layer_count, read_header
+
     path = Path(path)
+    cfg = artifact_config(path)
+    if not (path / FOLDED_WEIGHTS).is_file():
+        raise BadInput(f"{path}: {FOLDED_WEIGHTS} missing")
+    header = read_header(path / FOLDED_WEIGHTS)
+    n, gap = layer_count(header)
+    if n != cfg.n_layers or gap is not None:
+        raise BadInput(f"{path / CONFIG} n_layers={cfg.n_layers}, but the folded weights hold {n} layers")
+    for name in ("table.weight", "tok_embeddings.weight"):
+        if name in header and header[name][1] != (cfg.vocab_size, cfg.dim):
+            raise BadInput(
+                f"{path / CONFIG} vocab_size={cfg.vocab_size}, dim={cfg.dim} disagree with the weights: {name} has "
+                f"shape {list(header[name][1])}"
+            )
     try:
         meta = json.loads((path / FOLDED_META).read_text())
-        cfg = ModelConfig.from_dict(json.loads((path / CONFIG).read_text()))
         tensors = load_file(path / FOLDED_WEIGHTS)
     except (OSError, ValueError, KeyError, TypeError) as e:  # SafetensorError is not an OSError
         raise BadInput(f"{path}: unreadable folded model ({str(e).splitlines()[0]})") from None

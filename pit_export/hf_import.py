@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -31,7 +32,7 @@ from pit_export.errors import BadInput
 from pit_export.fold import vocab_chunks
 from pit_export.models import checkpoint
 from pit_export.models.checkpoint import CheckpointError, save_checkpoint
-from pit_export.models.pit import ModelConfig, Transformer
+from pit_export.models.pit import ModelConfig, Transformer, expected_shapes, shown
 
 INITS = ("identity", "input", "output")
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
@@ -60,95 +61,149 @@ class ImportReport:
 
 
 def _first(x):
-    return x[0] if isinstance(x, list) else x
+    if isinstance(x, list):
+        return x[0] if x else None
+    return x
 
 
 def _rope(hf: dict) -> tuple[float, str]:
     """(theta, type) from either the v4 keys (rope_theta, rope_scaling) or the v5 rope_parameters."""
     params = hf.get("rope_parameters") or {}
     scaling = hf.get("rope_scaling") or {}
+    for key, v in (("rope_parameters", params), ("rope_scaling", scaling)):
+        if not isinstance(v, dict):
+            raise BadInput(f"config.json {key}={shown(v)} must be an object")
     theta = hf.get("rope_theta", params.get("rope_theta", 10000.0))
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not math.isfinite(theta) or theta <= 0:
+        raise BadInput(f"config.json rope_theta={shown(theta)} must be a positive number")
     kind = scaling.get("rope_type", scaling.get("type")) or params.get("rope_type") or "default"
+    if not isinstance(kind, str):
+        raise BadInput(f"config.json rope_type={shown(kind)} must be a string")
     return float(theta), kind
 
 
 def teacher_config(hf: dict, max_seq_len: int) -> ModelConfig:
     """The training-graph config of an HF config dict; BadInput for what the graph cannot represent."""
     arch = _first(hf.get("architectures") or [None])
+    if not isinstance(arch, (str, type(None))):
+        raise BadInput(f"config.json architectures={shown(hf.get('architectures'))} must name a model class")
     if arch in BIASED or hf.get("attention_bias") or hf.get("mlp_bias"):
-        raise BadInput(f"{arch or hf.get('model_type')}: attention/MLP biases are not supported by the PIT graph")
+        raise BadInput(
+            f"{shown(arch or hf.get('model_type'))}: attention/MLP biases are not supported by the PIT graph"
+        )
     if arch not in ARCHITECTURES:
-        raise BadInput(f"unsupported architecture {arch!r} (supported: {', '.join(ARCHITECTURES)})")
+        raise BadInput(f"unsupported architecture {shown(arch)} (supported: {', '.join(ARCHITECTURES)})")
     if hf.get("hidden_act", "silu") != "silu":
-        raise BadInput(f"unsupported hidden_act {hf['hidden_act']!r} (SwiGLU needs silu)")
+        raise BadInput(f"unsupported hidden_act {shown(hf['hidden_act'])} (SwiGLU needs silu)")
     theta, kind = _rope(hf)
     if kind != "default":
-        raise BadInput(f"RoPE scaling {kind!r} is not supported (plain RoPE only)")
-    if hf.get("sliding_window") and hf.get("use_sliding_window", True) and hf["sliding_window"] < max_seq_len:
-        raise BadInput(f"sliding-window attention ({hf['sliding_window']}) is shorter than --max-seq-len")
+        raise BadInput(f"RoPE scaling {shown(kind)} is not supported (plain RoPE only)")
+    window = hf.get("sliding_window")
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int)):
+        raise BadInput(f"config.json sliding_window={shown(window)} must be an integer or null")
+    if window and hf.get("use_sliding_window", True) and window < max_seq_len:
+        raise BadInput(f"sliding-window attention ({window}) is shorter than --max-seq-len")
+
+    def num(key: str, kind=int, default=None, value=None):
+        """hf[key] of its JSON type (an int, or for floats an int or float), never a bool, string or null."""
+        v = hf.get(key, default) if value is None else value
+        if v is None:
+            raise BadInput(f"config.json has no {key}")
+        if isinstance(v, bool) or not isinstance(v, (int,) if kind is int else (int, float)):
+            raise BadInput(f"config.json {key}={shown(v)} must be {'an integer' if kind is int else 'a number'}")
+        return kind(v)
+
+    heads = num("num_attention_heads")
+    kv = hf.get("num_key_value_heads")
     try:
-        dim, heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
         cfg = ModelConfig(
-            vocab_size=int(hf["vocab_size"]),
-            dim=dim,
-            n_layers=int(hf["num_hidden_layers"]),
+            vocab_size=num("vocab_size"),
+            dim=num("hidden_size"),
+            n_layers=num("num_hidden_layers"),
             n_heads=heads,
-            n_kv_heads=int(hf.get("num_key_value_heads") or heads),
-            ffn_dim=int(hf["intermediate_size"]),
-            max_seq_len=min(max_seq_len, int(hf.get("max_position_embeddings", max_seq_len))),
+            n_kv_heads=heads if kv is None else num("num_key_value_heads"),
+            ffn_dim=num("intermediate_size"),
+            max_seq_len=min(max_seq_len, num("max_position_embeddings", default=max_seq_len)),
             rope_theta=theta,
-            norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            tying="tied" if hf.get("tie_word_embeddings", False) else "untied",
-            bos_id=int(_first(hf["bos_token_id"])),
-            eos_id=int(_first(hf["eos_token_id"])),
+            norm_eps=num("rms_norm_eps", float, 1e-6),
+            tying="tied" if hf.get("tie_word_embeddings", False) is True else "untied",
+            bos_id=num("bos_token_id", value=_first(hf.get("bos_token_id"))),
+            eos_id=num("eos_token_id", value=_first(hf.get("eos_token_id"))),
         )
-    except KeyError as e:
-        raise BadInput(f"config.json has no {e.args[0]}") from None
     except (TypeError, ValueError) as e:
         raise BadInput(f"config.json: {e}") from None
-    if hf.get("head_dim") not in (None, cfg.head_dim):
-        raise BadInput(f"head_dim={hf['head_dim']} differs from hidden_size/num_attention_heads={cfg.head_dim}")
     try:
         cfg.validate()
     except ValueError as e:
         raise BadInput(f"config.json: {e}") from None
+    if hf.get("head_dim") not in (None, cfg.head_dim):
+        raise BadInput(f"head_dim={shown(hf['head_dim'])} differs from hidden_size/num_attention_heads={cfg.head_dim}")
     return cfg
+
+
+PER_LAYER = {  # training-graph name -> HF name, inside layers.N
+    "attention.wq": "self_attn.q_proj",
+    "attention.wk": "self_attn.k_proj",
+    "attention.wv": "self_attn.v_proj",
+    "attention.wo": "self_attn.o_proj",
+    "feed_forward.w1": "mlp.gate_proj",
+    "feed_forward.w3": "mlp.up_proj",
+    "feed_forward.w2": "mlp.down_proj",
+    "attention_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+GLOBAL = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight"}
+HF_KEYS = {  # training-graph config field -> HF config key, for messages
+    "n_layers": "num_hidden_layers",
+    "dim": "hidden_size",
+    "ffn_dim": "intermediate_size",
+    "n_kv_heads": "num_key_value_heads",
+}
+_HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)\.weight$")
+_OUR_LAYER = re.compile(r"^layers\.(\d+)\.(.+)\.weight$")
+_TO_OURS = {v: k for k, v in PER_LAYER.items()}
+
+
+def hf_name(ours: str) -> str:
+    """Training-graph tensor name -> the HF checkpoint's."""
+    if m := _OUR_LAYER.match(ours):
+        return f"model.layers.{m.group(1)}.{PER_LAYER.get(m.group(2), m.group(2))}.weight"
+    return {**GLOBAL, "output.weight": "lm_head.weight"}.get(ours, ours)
+
+
+def our_name(theirs: str) -> str | None:
+    """HF tensor name -> the training graph's (None: a tensor the graph has no use for)."""
+    if m := _HF_LAYER.match(theirs):
+        ours = _TO_OURS.get(m.group(2))
+        return f"layers.{m.group(1)}.{ours}.weight" if ours else f"layers.{m.group(1)}.hf:{m.group(2)}"
+    inv = {v: k for k, v in GLOBAL.items()} | {"lm_head.weight": "output.weight"}
+    return inv.get(theirs)
 
 
 def tensor_names(cfg: ModelConfig) -> dict[str, str]:
     """Training-graph tensor name -> HF tensor name (the teacher's checkpoint state)."""
-    names = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight"}
-    if cfg.tying == "untied":
-        names["output.weight"] = "lm_head.weight"
-    per_layer = {
-        "attention.wq": "self_attn.q_proj",
-        "attention.wk": "self_attn.k_proj",
-        "attention.wv": "self_attn.v_proj",
-        "attention.wo": "self_attn.o_proj",
-        "feed_forward.w1": "mlp.gate_proj",
-        "feed_forward.w3": "mlp.up_proj",
-        "feed_forward.w2": "mlp.down_proj",
-        "attention_norm": "input_layernorm",
-        "ffn_norm": "post_attention_layernorm",
-    }
-    for i in range(cfg.n_layers):
-        for ours, theirs in per_layer.items():
-            names[f"layers.{i}.{ours}.weight"] = f"model.layers.{i}.{theirs}.weight"
-    return names
+    return {ours: hf_name(ours) for ours in expected_shapes(cfg)}
 
 
 # ---------------------------------------------------------------- reading the folder
 
 
 def _weight_files(src: Path) -> dict[str, Path]:
-    """HF tensor name -> safetensors file holding it (single file or sharded with an index)."""
+    """HF tensor name -> safetensors file holding it (single file or sharded with an index), from the headers only."""
+    return {name: f for f, header in _headers(src).items() for name in header}
+
+
+def _headers(src: Path) -> dict[Path, checkpoint.Header]:
+    """Each weight file's safetensors header (no tensor data read): the files the index names, or every
+    *.safetensors in the folder."""
     if (src / HF_INDEX).is_file():
-        try:
-            index = json.loads((src / HF_INDEX).read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise BadInput(f"{src / HF_INDEX}: unreadable index ({e})") from None
-        return {name: src / f for name, f in index.items()}
-    files = sorted(src.glob("*.safetensors"))
+        index = checkpoint.read_json(src / HF_INDEX, "weight index", 64 << 20)
+        wmap = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(wmap, dict) or not all(isinstance(f, str) for f in wmap.values()):
+            raise BadInput(f"{src / HF_INDEX}: unreadable index (no weight_map of file names)")
+        files = sorted({src / f for f in wmap.values()})
+    else:
+        files = sorted(src.glob("*.safetensors"))
     if not files:
         if any(src.glob("*.bin")) or any(src.glob("*.pt")):
             raise BadInput(
@@ -157,9 +212,22 @@ def _weight_files(src: Path) -> dict[str, Path]:
         raise BadInput(f"{src}: no *.safetensors weights")
     out = {}
     for f in files:
-        for name in _open(f).keys():
-            out[name] = f
+        if not f.is_file():
+            raise BadInput(f"{src / HF_INDEX}: names {f.name}, which is missing")
+        out[f] = checkpoint.read_header(f)
     return out
+
+
+def check_teacher_header(src: Path, cfg: ModelConfig) -> None:
+    """The HF config against its weights' headers (names, shapes, dtypes), before any tensor is read."""
+    ours: checkpoint.Header = {}
+    for header in _headers(src).values():
+        for name, entry in header.items():
+            if (n := our_name(name)) is not None:
+                ours[n] = entry
+    if cfg.tying == "tied":
+        ours.pop("output.weight", None)  # some tied checkpoints store the head too; the graph reads the table
+    checkpoint.check_header(cfg, ours, f"{src / HF_CONFIG}", HF_KEYS, strict=False, label=hf_name)
 
 
 def _open(f: Path):
@@ -170,33 +238,20 @@ def _open(f: Path):
 
 
 def read_tensors(src: Path, cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """The teacher's tensors under training-graph names, fp32, one tensor in memory at a time beyond the result."""
-    shapes = _teacher_shapes(cfg)
+    """The teacher's tensors under training-graph names, fp32, one tensor in memory at a time beyond the result.
+    `cfg` comes from read_config, which checked it against the weights' headers."""
     where = _weight_files(src)
     handles: dict[Path, object] = {}
     out = {}
     for ours, theirs in tensor_names(cfg).items():
-        if theirs not in where:
-            raise BadInput(f"{src}: tensor {theirs} missing")
         f = where[theirs]
         h = handles.get(f) or handles.setdefault(f, _open(f))
-        t = h.get_tensor(theirs)
-        if tuple(t.shape) != shapes[ours]:
-            raise BadInput(f"tensor {theirs} has shape {list(t.shape)}, config implies {list(shapes[ours])}")
-        if not t.is_floating_point():
-            raise BadInput(f"tensor {theirs} has dtype {t.dtype}, expected a float dtype")
-        t = t.float()
+        t = h.get_tensor(theirs).float()
         bad = (~torch.isfinite(t)).sum().item()
         if bad:
             raise BadInput(f"tensor {theirs} has {bad} non-finite values")
         out[ours] = t
     return out
-
-
-def _teacher_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    with torch.device("meta"):
-        m = Transformer(cfg)
-    return {k: tuple(v.shape) for k, v in m.state_dict().items()}
 
 
 def read_tokenizer(src: Path, cfg: ModelConfig) -> Tokenizer:
@@ -211,11 +266,12 @@ def read_config(src: Path, max_seq_len: int) -> ModelConfig:
         raise BadInput(f"{src}: not a folder")
     if not (src / HF_CONFIG).is_file():
         raise BadInput(f"{src}: {HF_CONFIG} missing")
-    try:
-        hf = json.loads((src / HF_CONFIG).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BadInput(f"{src / HF_CONFIG}: {e}") from None
-    return teacher_config(hf, max_seq_len)
+    hf = checkpoint.read_json(src / HF_CONFIG)
+    if not isinstance(hf, dict):
+        raise BadInput(f"{src / HF_CONFIG}: expected a JSON object, got {type(hf).__name__}")
+    cfg = teacher_config(hf, max_seq_len)
+    check_teacher_header(src, cfg)  # before anything is sized from it
+    return cfg
 
 
 # ---------------------------------------------------------------- models from tensors (shared, no copies)

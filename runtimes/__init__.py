@@ -12,6 +12,8 @@ BACKEND_MODULES = {"torch": "pytorch", "executorch": "executorch", "onnx": "onnx
 
 
 def open_session(path, **options) -> Session:
+    from pit_export.models.checkpoint import artifact_config
+
     from pit_export.errors import BadInput, Unavailable
 
     backend = artifact_backend(Path(path))
@@ -19,6 +21,7 @@ def open_session(path, **options) -> Session:
         raise BadInput(f"{path}: not an artifact folder (no pit_export.json)")
     if backend not in BACKEND_MODULES:
         raise BadInput(f"{path}: unknown backend {backend!r} (known: {sorted(BACKEND_MODULES)})")
+    artifact_config(Path(path))  # a config the weights or this machine cannot hold fails here, not in a runtime
     try:
         importlib.import_module(f"{__name__}.{BACKEND_MODULES[backend]}")
     except ModuleNotFoundError as e:

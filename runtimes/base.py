@@ -149,9 +149,14 @@ def greedy_generate(session: Session, prompt: list[int], max_new: int, stop: set
 
 
 def artifact_backend(path: Path) -> str | None:
-    import json
+    """The backend an artifact folder names in its pit_export.json (None: not an artifact folder)."""
+    from pit_export.models.checkpoint import CheckpointError, read_json
 
     meta = Path(path) / "pit_export.json"
-    if meta.is_file():
-        return json.loads(meta.read_text()).get("backend")
-    return None
+    if not meta.is_file():
+        return None
+    doc = read_json(meta, "artifact manifest", 16 << 20)
+    backend = doc.get("backend") if isinstance(doc, dict) else None
+    if not isinstance(backend, str):
+        raise CheckpointError(f"{meta}: names no backend")
+    return backend

@@ -169,8 +169,9 @@ def test_bad_input(hf_dirs, tmp_path, edit, message):
 
 
 def test_bad_input_cli_exit_code(tmp_path):
+    (tmp_path / "src").mkdir()
     p = subprocess.run(
-        [sys.executable, "-m", "pit_export", "import-hf", tmp_path, "--out", tmp_path / "o"],
+        [sys.executable, "-m", "pit_export", "import-hf", tmp_path / "src", "--out", tmp_path / "o"],
         capture_output=True,
         text=True,
         timeout=120,

@@ -335,9 +335,10 @@ def test_expected_shapes_match_the_model(tying, shape):
 
 def test_cache_estimate_covers_the_decoders_caches(pit_ckpt):
     """cache_bytes counts what the folded decoder (the graph every backend exports) allocates for its context."""
+    from pit_export.models.pit import cache_bytes
+
     from pit_export.decoder import Decoder
     from pit_export.fold import fold
-    from pit_export.models.pit import cache_bytes
 
     dec = Decoder(fold(pit_ckpt, "shared-z")[0])
     held = sum(b.numel() * b.element_size() for n, b in dec.named_buffers() if "cache" in n or n.startswith("rope_"))

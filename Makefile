@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed
 DEFAULT_MODEL := models/pit-tiny
 BASELINE_MODEL := models/tied-tiny
 
-.PHONY: demo test test-slow lint install clean emu peers
+.PHONY: demo test test-slow lint install clean emu peers mutate
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -32,6 +32,10 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
+
+# Deliberate faults in the validator (tests/mutate.py), each against the damaged-artifact gate tests: all must be caught.
+mutate: $(STAMP)
+	$(BIN)/python -m tests.mutate
 
 lint: $(STAMP)
 	$(BIN)/ruff check pit_export models runtimes tests benchmarks

@@ -259,6 +259,7 @@ def _validate_sessions(ckpt, openers, scheme, n_windows, n_greedy, threads, json
             )
             sess.close()
             p.remove_task(task)
+            res.artifact = label if release else None
             results.append(res)
             if not json_out:
                 out.print(_result_table(res))
@@ -268,7 +269,8 @@ def _validate_sessions(ckpt, openers, scheme, n_windows, n_greedy, threads, json
 
 def _gate_error(results) -> GateFailed | None:
     failed = [
-        f"{r.session}: {g.metric}={'missing' if g.value is None else f'{g.value:.4g}'} (gate {g.op} {g.threshold:g})"
+        f"{r.artifact or r.session}: {g.metric}={'missing' if g.value is None else f'{g.value:.4g}'} "
+        f"(gate {g.op} {g.threshold:g})"
         for r in results
         for g in r.failures()
     ]

@@ -71,6 +71,7 @@ class ValidationResult:
     gates: list[GateResult] = field(default_factory=list)
     # arrays for the report's plots (per-position KL, |delta logit| histogram, W E - I); not part of to_dict()
     details: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    artifact: str | None = None  # the folder validated, where there is one
 
     @property
     def passed(self) -> bool:
@@ -82,6 +83,7 @@ class ValidationResult:
     def to_dict(self) -> dict:
         return {
             "session": self.session,
+            "artifact": self.artifact,
             "scheme": self.scheme,
             "passed": self.passed,
             "metrics": self.metrics,

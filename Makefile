@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed
 DEFAULT_MODEL := models/pit-tiny
 BASELINE_MODEL := models/tied-tiny
 
-.PHONY: demo test test-slow lint install clean emu peers mutate
+.PHONY: demo test test-slow lint install clean emu peers mutate wheel-check
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -20,11 +20,14 @@ $(STAMP): $(BIN)/python pyproject.toml constraints.txt
 install: $(STAMP)
 
 # The main job on the embedded default model: fold, quantize, export for every target, validate each artifact through
-# its own runtime, report (sizes against the tied baseline), then generate from the ONNX artifact.
+# its own runtime, report (sizes against the tied baseline), then the training graph's and each artifact's
+# continuation of one prompt, side by side on one sampling seed, with the first token where each differs.
 demo: $(STAMP)
 	$(BIN)/pit-export inspect $(DEFAULT_MODEL)
 	$(BIN)/pit-export export $(DEFAULT_MODEL) --target all --baseline $(BASELINE_MODEL) --out out/demo --force
-	$(BIN)/pit-export generate out/demo/onnx-cpu --prompt "def read_file(path):" --max-new-tokens 48
+	$(BIN)/pit-export generate $(DEFAULT_MODEL) --prompt "def read_file(path):" --max-new-tokens 48 \
+		--temperature 0.8 --top-p 0.95 --seed 0 \
+		--artifact out/demo/android --artifact out/demo/onnx-cpu --artifact out/demo/ios
 	@echo "report: out/demo/report.md (machine-readable: out/demo/report.json)"
 
 test: $(STAMP)
@@ -32,6 +35,11 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
+
+# The built wheel in a fresh venv (torch pinned, then the wheel under constraints.txt), run from outside the repository:
+# inspect, validate and export the shipped model, so package data missing from pyproject.toml fails here. ~3 min.
+wheel-check: $(STAMP)
+	PY=$(PY) bash tests/wheel_check.sh
 
 # Deliberate faults in the validator (tests/mutate.py), each against the damaged-artifact gate tests: all must be caught.
 mutate: $(STAMP)

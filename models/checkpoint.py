@@ -26,6 +26,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from tokenizers import Tokenizer
 
+from pit_export.errors import CheckpointError, OutputError
+
 from .pit import ModelConfig, Transformer, cache_bytes, expected_shapes, shown
 
 CONFIG, WEIGHTS, TOKENIZER = "config.json", "model.safetensors", "tokenizer.json"
@@ -34,17 +36,7 @@ CHECKSUM = "model.safetensors.sha256"  # written on save, verified on load when 
 ORTHO_TOL = 1e-4
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used. The message is one line, fit for a CLI."""
-
-
-class OutputError(OSError):
-    """The output location cannot take the result: it exists (and force is off), is not a folder, is not writable, or
-    the disk filled up. Nothing was written."""
-
-    def __init__(self, message: str, reason: str | None = None):
-        super().__init__(message)
-        self.reason = reason
+# CheckpointError and OutputError live with the other exit-code errors (pit_export.errors), re-exported here.
 
 
 # write failures that are about the destination, not about our data

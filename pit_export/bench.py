@@ -359,7 +359,7 @@ def table(data: dict):
 
 
 def _worker(argv: list[str]) -> int:
-    from pit_export.cli import quiet_toolchains
+    from pit_export.quiet import quiet_toolchains
 
     quiet_toolchains()
     folder, threads, prompt_len, gen, repeats = json.loads(argv[0])

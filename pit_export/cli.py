@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import signal
 import sys
@@ -18,8 +17,9 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from pit_export.errors import BadInput, GateFailed, exit_code, interrupted
-from pit_export.models.checkpoint import CheckpointError, OutputError, remove_pending
+from pit_export.errors import BadInput, GateFailed, PitError, exit_code, interrupted
+from pit_export.models.checkpoint import remove_pending
+from pit_export.quiet import quiet_toolchains
 
 app = typer.Typer(
     add_completion=False,
@@ -214,7 +214,10 @@ def validate(
     else:
         names = layouts_for(c.config.tying) if layout == "all" else tuple(layout.split(","))
         targets = [(f"fold {n}", lambda n=n: FoldedSession(fold(c, n)[0], threads)) for n in names]
-    results = _validate_sessions(c, targets, scheme, n_windows, n_greedy, threads, json_out, table, bool(artifact))
+    from pit_export.validate import ValidateConfig
+
+    cfg = ValidateConfig(n_windows=n_windows, n_greedy=n_greedy)
+    results = _validate_sessions(c, targets, scheme, cfg, threads, json_out, table, bool(artifact))
     _emit(
         {"checkpoint": str(ckpt), "results": [r.to_dict() for r in results], "passed": all(r.passed for r in results)},
         json_out,
@@ -224,23 +227,18 @@ def validate(
         raise e
 
 
-def _validate_sessions(ckpt, openers, scheme, n_windows, n_greedy, threads, json_out, gate_table=None, release=False):
-    """Validate each (label, opener) against the training graph; prints tables, returns results.
-
-    The reference is recorded once, before any artifact is opened; with `release` the checkpoint's model is dropped
-    then (its logits and embed/unembed tables wait in temporary files), so the reference and an artifact are never in
+def _validate_sessions(ckpt, openers, scheme, cfg, threads, json_out, gate_table=None, release=False):
+    """Validate each (label, opener) against the training graph through the one orchestrator (validate.Validator);
+    prints tables, returns results. With `release` the checkpoint's model is dropped once the reference is recorded
+    (its logits and embed/unembed tables wait in temporary files), so the reference and an artifact are never in
     memory together."""
     from pit_export.memory import release_memory
-    from pit_export.pipeline import heldout
-    from pit_export.runtimes.pytorch import ReferenceSession
-    from pit_export.validate import Reference, ValidateConfig, gates_for
-    from pit_export.validate import validate as run_validate
+    from pit_export.validate import Validator
 
-    cfg = ValidateConfig(n_windows=n_windows, n_greedy=n_greedy)
     results = []
-    with progress(not json_out) as p:
+    with progress(not json_out) as p, Validator(ckpt, cfg, threads, gate_table) as v:
         task = p.add_task("reference", total=None)
-        ref = Reference(ReferenceSession(ckpt.model, threads), heldout(ckpt), cfg, ckpt.config.max_seq_len)
+        v.record()
         p.remove_task(task)
         if release:
             ckpt.model = None
@@ -248,22 +246,19 @@ def _validate_sessions(ckpt, openers, scheme, n_windows, n_greedy, threads, json
         for label, opener in openers:
             task = p.add_task(label, total=None)
             sess = opener()
-            sch = scheme or getattr(sess, "scheme", "fp32")
-            res = run_validate(
-                ref,
-                sess,
-                scheme=sch,
-                cfg=cfg,
-                gates=gates_for(sch, gate_table),
-                progress=lambda m, task=task, label=label: p.update(task, description=f"{label}: {m}"),
-            )
-            sess.close()
+            try:
+                res = v.check(
+                    sess,
+                    scheme,
+                    label if release else None,
+                    lambda m, task=task, label=label: p.update(task, description=f"{label}: {m}"),
+                )
+            finally:
+                sess.close()
             p.remove_task(task)
-            res.artifact = label if release else None
             results.append(res)
             if not json_out:
                 out.print(_result_table(res))
-    ref.close()
     return results
 
 
@@ -360,19 +355,32 @@ def export_cmd(
 def generate(
     path: Annotated[Path, typer.Argument(help="Checkpoint folder (runs the training graph) or artifact folder.")],
     prompt: Annotated[str, typer.Option(help="Text prompt.")] = "def ",
-    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate (greedy).")] = 64,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 64,
+    temperature: Annotated[float, typer.Option(help="0 = greedy; otherwise softmax(logits / T) sampling.")] = 0.0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling: keep the most probable tokens summing to p.")] = 1.0,
+    seed: Annotated[int, typer.Option(help="Sampling seed (the same seed gives every session the same draws).")] = 0,
+    artifact: Annotated[
+        list[Path] | None,
+        typer.Option(help="With a checkpoint: also run these artifacts and show all continuations side by side."),
+    ] = None,
     fold_layout: Annotated[str | None, typer.Option("--fold", help="Fold a checkpoint in memory first.")] = None,
     threads: ThreadsOpt = 2,
     json_out: JsonOpt = False,
 ):
-    """Greedy text generation through any session's prefill + decode."""
+    """Text generation through any session's prefill + decode (greedy, or sampled with --temperature/--top-p/--seed).
+
+    With --artifact: the training graph's continuation beside each artifact's, on the same seed, with the first
+    token where each differs: the export's fidelity, visible."""
     import time
 
     from tokenizers import Tokenizer
 
-    from pit_export.runtimes import greedy_generate, open_session
+    from pit_export.generate import check_sampling, compare, render
+    from pit_export.generate import generate as run_generate
+    from pit_export.runtimes import open_session
     from pit_export.runtimes.base import artifact_backend
 
+    check_sampling(temperature, top_p)
     if artifact_backend(path) is None:
         c = _load(path)
         tok, eos = c.tokenizer, c.config.eos_id
@@ -386,6 +394,8 @@ def generate(
 
             sess = ReferenceSession(c.model, threads)
     else:
+        if artifact:
+            raise BadInput("--artifact compares artifacts with a checkpoint: give the checkpoint folder as PATH")
         sess = open_session(path, threads=threads)
         tok = Tokenizer.from_file(str(path / "tokenizer.json"))
         eos = tok.token_to_id("<|eos|>")
@@ -394,8 +404,20 @@ def generate(
         raise BadInput("prompt encodes to no tokens")
     if len(ids) >= sess.max_seq_len:
         raise BadInput(f"prompt has {len(ids)} tokens; the model's context is {sess.max_seq_len}")
+    stop = {eos} if eos is not None else set()
+    if artifact:
+        sessions = [(f"training graph ({path})", sess)] + [(str(a), open_session(a, threads=threads)) for a in artifact]
+        rows = compare(sessions, ids, max_new_tokens, stop, temperature, top_p, seed)
+        for _, s in sessions:
+            s.close()
+        if json_out:
+            _emit({"prompt": prompt, "temperature": temperature, "top_p": top_p, "seed": seed, "rows": rows}, True)
+        else:
+            title = f"{prompt!r} -> {max_new_tokens} tokens (temperature {temperature:g}, top-p {top_p:g}, seed {seed})"
+            out.print(render(rows, tok.decode, title))
+        return
     t0 = time.perf_counter()
-    new = greedy_generate(sess, ids, max_new_tokens, {eos} if eos is not None else set())
+    new = run_generate(sess, ids, max_new_tokens, stop, temperature, top_p, seed)
     dt = time.perf_counter() - t0
     text = tok.decode(new)
     if json_out:
@@ -499,22 +521,6 @@ def train(
     out.print(f"held-out perplexity {m['heldout_ppl']:.2f} (unigram {m['unigram_ppl']:.2f}) -> {out_dir}")
 
 
-def quiet_toolchains():
-    """Toolchain chatter (deprecation warnings, exporter registration notes, runtime info logs) is not the user's
-    problem and would bury the one line that is; --debug keeps all of it."""
-    import warnings
-
-    warnings.simplefilter("ignore")
-    for name in ("torch", "torchao", "executorch", "onnxscript", "onnx_ir", "coremltools"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    try:
-        import onnxruntime
-
-        onnxruntime.set_default_logger_severity(3)
-    except ImportError:
-        pass
-
-
 @app.command("import-hf")
 def import_hf_cmd(
     src: Annotated[
@@ -558,7 +564,7 @@ def main():
         if STATE["debug"]:
             raise
         code = exit_code(e)
-        known = code != 1 or isinstance(e, (CheckpointError, OutputError))
+        known = isinstance(e, PitError)
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         if not known:  # a bug or an unanticipated toolchain failure: still one line, with the way to the traceback
             msg = f"internal error: {type(e).__name__}: {msg} (run with --debug for the traceback)"

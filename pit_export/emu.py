@@ -5,6 +5,7 @@ emulated (8-400x off, depending on how much NEON the kernels use) and never a ph
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -22,7 +23,8 @@ from pit_export.runtimes.timing import prompt_tokens
 EMU_ROOT = Path(os.environ.get("PIT_EMU_ROOT", ".emu/arm64"))
 QEMU = "qemu-aarch64-static"
 QEMU_CPU = "cortex-a76"  # the fake /proc/cpuinfo in the root says Cortex-A76 too; 'max' adds SVE/SME and is slower
-RUNNER = Path(__file__).resolve().parents[1] / "runtimes" / "remote_runner.py"
+# runtimes/ is the package pit_export.runtimes (a source tree maps it there too): found by its module, not by a path
+RUNNER = Path(importlib.util.find_spec("pit_export.runtimes").origin).parent / "remote_runner.py"
 # backend -> why it cannot run in the emulated root (the root holds numpy + onnxruntime only)
 NOT_EMULATED = {
     "executorch": "ExecuTorch's Python runtime links libtorch; the aarch64 torch wheel (427 MB) links ~2.9 GB of CUDA "

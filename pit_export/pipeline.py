@@ -19,12 +19,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from pit_export.errors import BadInput, GateFailed, Unavailable
-from pit_export.export import TARGETS, export_artifact, file_manifest, tool_versions
+from pit_export.export import TARGETS, export_artifact
 from pit_export.models.checkpoint import Checkpoint, atomic_dir
-from pit_export.validate import ValidateConfig, ValidationResult, gates_for, validate
+from pit_export.validate import ValidateConfig, ValidationResult, Validator
 
 ALL = "all"
 BASELINE = "baseline"
@@ -126,20 +124,25 @@ def run(
     check_options(opts)
     result = RunResult(out, ckpt, [], [], opts)
 
+    vcfg = ValidateConfig(n_windows=opts.n_windows, n_greedy=opts.n_greedy)
+
     def write(tmp: Path):
-        for i, t in enumerate(targets):
-            # unvalidated, the last export is the checkpoint's last use (a baseline export reads its own checkpoint)
-            last = release_source and not opts.validate and i == len(targets) - 1
-            result.artifacts.append(_one_target(ckpt, t, tmp, t, opts, progress, skip_unavailable, last))
+        # one reference recording per checkpoint and run, shared by every target and every fallback attempt
+        with Validator(ckpt, vcfg, opts.threads, opts.gates) as v:
+            for i, t in enumerate(targets):
+                # unvalidated, the last export is the checkpoint's last use (a baseline export reads its own checkpoint)
+                last = release_source and not opts.validate and i == len(targets) - 1
+                result.artifacts.append(_one_target(ckpt, t, tmp, t, opts, progress, skip_unavailable, v, last))
         if opts.baseline is not None:
-            for a in result.artifacts:
-                if a.status == "unavailable":
-                    continue
-                layout = baseline_layout(a.layout, opts.baseline.config.tying)
-                base_opts = PipelineOptions(**{**opts.__dict__, "scheme": a.scheme.split("+")[0], "layout": layout})
-                base_opts.embedding_bits = a.manifest.get("embedding_bits")
-                r = _one_target(opts.baseline, a.target, tmp, f"{BASELINE}/{a.target}", base_opts, progress, True)
-                result.baseline.append(r)
+            with Validator(opts.baseline, vcfg, opts.threads, opts.gates) as v:
+                for a in result.artifacts:
+                    if a.status == "unavailable":
+                        continue
+                    layout = baseline_layout(a.layout, opts.baseline.config.tying)
+                    base = PipelineOptions(**{**opts.__dict__, "scheme": a.scheme.split("+")[0], "layout": layout})
+                    base.embedding_bits = a.manifest.get("embedding_bits")
+                    rel = f"{BASELINE}/{a.target}"
+                    result.baseline.append(_one_target(opts.baseline, a.target, tmp, rel, base, progress, True, v))
         progress("report", "writing report")
         report.write(result, tmp)
 
@@ -161,7 +164,17 @@ def gate_error(result: RunResult) -> GateFailed | None:
     )
 
 
-def _one_target(ckpt, target, root: Path, rel: str, opts: PipelineOptions, progress, skip_unavailable, last=False):
+def _one_target(
+    ckpt,
+    target,
+    root: Path,
+    rel: str,
+    opts: PipelineOptions,
+    progress,
+    skip_unavailable,
+    validator: Validator,
+    last=False,
+):
     preset = TARGETS[target]
     schemes = [opts.scheme] if opts.scheme is not None else [preset.scheme, *preset.fallbacks]
     # the preset's embedding quantization goes with the preset's schemes; an explicit --scheme stands alone
@@ -177,8 +190,14 @@ def _one_target(ckpt, target, root: Path, rel: str, opts: PipelineOptions, progr
         checked: list[ValidationResult] = []
 
         def check(tmp: Path, scheme=scheme, checked=checked) -> dict:
+            from pit_export.runtimes import open_session
+
             progress(rel, "validate")
-            r = validate_artifact(ckpt, tmp, opts, scheme)
+            sess = open_session(tmp, threads=opts.threads)
+            try:
+                r = validator.check(sess, getattr(sess, "scheme", scheme))
+            finally:
+                sess.close()
             checked.append(r)
             return r.to_dict()
 
@@ -221,65 +240,3 @@ def _one_target(ckpt, target, root: Path, rel: str, opts: PipelineOptions, progr
         shutil.rmtree(folder, ignore_errors=True)
         res.note = (res.note + "; " if res.note else "") + "artifact not written (failed its gates)"
     return res
-
-
-def heldout(ckpt: Checkpoint) -> np.ndarray:
-    """The held-out split as windows; validate() scores n_windows of them spread over it (eval_windows), the same
-    ones for `pit-export validate`, `export` and the benchmarks."""
-    from pit_export.models.train import heldout_windows
-
-    return np.asarray(heldout_windows(ckpt.tokenizer, ckpt.config))
-
-
-def validate_artifact(ckpt: Checkpoint, folder: Path, opts: PipelineOptions, scheme: str) -> ValidationResult:
-    from pit_export.runtimes import open_session
-    from pit_export.runtimes.pytorch import ReferenceSession
-
-    ref = ReferenceSession(ckpt.model, opts.threads)
-    sess = open_session(folder, threads=opts.threads)
-    try:
-        scheme = getattr(sess, "scheme", scheme)
-        return validate(
-            ref,
-            sess,
-            heldout(ckpt),
-            scheme,
-            ValidateConfig(n_windows=opts.n_windows, n_greedy=opts.n_greedy),
-            gates=gates_for(scheme, opts.gates),
-        )
-    finally:
-        sess.close()
-
-
-def manifest(result: RunResult) -> dict:
-    """The run's manifest.json: what went in, what came out, which gates held."""
-    ck = result.checkpoint
-
-    def entry(a: ArtifactResult) -> dict:
-        m = a.manifest
-        return {
-            "target": a.target,
-            "folder": a.folder,
-            "status": a.status,
-            "note": a.note,
-            "backend": m.get("backend"),
-            "scheme": a.scheme,
-            "layout": a.layout,
-            "bytes": a.bytes,
-            "deploy_files": a.manifest.get("deploy_files", []),
-            "files": a.files,
-            "gates": [g.__dict__ for g in a.validation.gates] if a.validation else [],
-            "rejected": a.rejected,
-        }
-
-    return {
-        "checkpoint": {
-            "path": str(ck.path),
-            "files": file_manifest(Path(ck.path)),
-            "config": ck.config.__dict__,
-        },
-        "baseline_checkpoint": str(result.options.baseline.path) if result.options.baseline else None,
-        "tools": tool_versions(),
-        "artifacts": [entry(a) for a in result.artifacts],
-        "baseline": [entry(a) for a in result.baseline],
-    }

@@ -1,6 +1,9 @@
-"""Quantization schemes by name. The choices shared by all backends live here (which weights, bits, group size);
-each backend turns a Scheme into its own recipe (torchao for ExecuTorch, ORT quantizers for ONNX,
-coremltools.optimize for CoreML)."""
+"""Quantization schemes by name, and what each name means on each backend.
+
+A Scheme holds the choices shared by all backends (which weights, bits, group size, activations); each exporter turns
+it into its own toolchain's recipe (torchao for ExecuTorch, onnxruntime's MatMulNBits quantizer for ONNX,
+coremltools.optimize for CoreML). Where a backend cannot honour a choice exactly it differs, and RECIPES below says
+how, in one place: the exporters implement these lines and refuse the schemes marked unsupported."""
 
 from __future__ import annotations
 
@@ -38,6 +41,52 @@ SCHEMES: dict[str, Scheme] = {
         ),
     )
 }
+
+
+# scheme -> backend -> the recipe that backend applies (None: not available there, exit 2)
+RECIPES: dict[str, dict[str, str | None]] = {
+    "fp32": {
+        "executorch": "fp32 weights and compute (XNNPACK fp32 kernels)",
+        "onnx": "fp32 weights and compute",
+        "coreml": "fp32 compute; the KV state is an fp16 hi + lo pair (CoreML states are fp16)",
+    },
+    "int8": {
+        "executorch": "torchao Int8DynamicActivationIntxWeight: int8 per-channel weights, dynamic int8 activations",
+        "onnx": "MatMulNBits 8-bit, blocks of 32 (not per-channel), accuracy_level 4: int8 compute per block",
+        "coreml": "linear_quantize_weights int8 per-channel, weight-only: activations stay fp16",
+    },
+    "8da4w": {
+        "executorch": "torchao Int8DynamicActivationIntxWeight: int4 weights per group of 32, dynamic int8 activations",
+        "onnx": "MatMulNBits 4-bit, blocks of 32, accuracy_level 4: int8 compute per block",
+        "coreml": None,  # CoreML has no dynamic int8 activations
+    },
+    "int4": {
+        "executorch": None,  # XNNPACK lowers 4-bit linears only with dynamic int8 activations: use 8da4w
+        "onnx": "MatMulNBits 4-bit, blocks of 32, float compute",
+        "coreml": "linear_quantize_weights int4 per block of 32 (iOS 18 blockwise), weight-only, fp16 activations",
+    },
+    "fp16": {"executorch": None, "onnx": None, "coreml": "fp16 weights and compute"},
+    "palettize4": {
+        "executorch": None,
+        "onnx": None,
+        "coreml": "4-bit k-means lookup table per group of 8 rows (constexpr_lut_to_dense), fp16 activations",
+    },
+}
+# embedding_bits (+embN): the gather table, weight-only 4/8-bit per group of 32 on ExecuTorch (torchao
+# IntxWeightOnly); on ONNX 4-bit only, and only in the untied layout (GatherBlockQuantized; the compact layouts'
+# one table takes the head's precision); not on CoreML (its gather weights follow the scheme).
+# The d x d PIT transforms are never compressed on CoreML (they carry cond(T)); elsewhere they follow the scheme.
+
+
+def recipe(scheme: Scheme | str, backend: str) -> str:
+    """What `scheme` means on `backend`; BadInput where that backend does not implement it."""
+    name = scheme if isinstance(scheme, str) else scheme.name
+    base = name.split("+")[0]
+    meaning = RECIPES.get(base, {}).get(backend)
+    if meaning is None:
+        where = [b for b, r in RECIPES.get(base, {}).items() if r is not None]
+        raise BadInput(f"scheme {name} is not available on {backend} (available on: {', '.join(where) or 'none'})")
+    return meaning
 
 
 def get_scheme(name: str, embedding_bits: int | None = None) -> Scheme:

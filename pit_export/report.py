@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pit_export.export import file_manifest, tool_versions
 from pit_export.validate import ABS_BINS, GateResult
 
 PLOTS = {
@@ -109,7 +110,7 @@ def _artifact_json(a) -> dict:
 
 
 def report_json(result, manifest: dict) -> dict:
-    """`manifest`: the run's manifest.json (pipeline.manifest): its checkpoint hash and tool versions are reused."""
+    """`manifest`: the run's manifest.json (manifest() below): its checkpoint hash and tool versions are reused."""
     ck = result.checkpoint
     return {
         "version": 1,
@@ -297,9 +298,42 @@ def report_md(result, rep: dict) -> str:
     return "\n".join(lines)
 
 
-def write(result, root: Path) -> dict:
-    from pit_export.pipeline import manifest
+def manifest(result) -> dict:
+    """The run's manifest.json: what went in, what came out, which gates held."""
+    ck = result.checkpoint
 
+    def entry(a) -> dict:
+        m = a.manifest
+        return {
+            "target": a.target,
+            "folder": a.folder,
+            "status": a.status,
+            "note": a.note,
+            "backend": m.get("backend"),
+            "scheme": a.scheme,
+            "layout": a.layout,
+            "bytes": a.bytes,
+            "deploy_files": a.manifest.get("deploy_files", []),
+            "files": a.files,
+            "gates": [g.__dict__ for g in a.validation.gates] if a.validation else [],
+            "rejected": a.rejected,
+        }
+
+    return {
+        "checkpoint": {
+            "path": str(ck.path),
+            "files": file_manifest(Path(ck.path)),
+            "config": ck.config.__dict__,
+        },
+        "baseline_checkpoint": str(result.options.baseline.path) if result.options.baseline else None,
+        "tools": tool_versions(),
+        "artifacts": [entry(a) for a in result.artifacts],
+        "baseline": [entry(a) for a in result.baseline],
+    }
+
+
+def write(result, root: Path) -> dict:
+    """manifest.json, report.json, plots/ and report.md of a pipeline run (a pipeline.RunResult) into root."""
     root = Path(root)
     man = manifest(result)
     (root / "manifest.json").write_text(json.dumps(man, indent=2, default=float))

@@ -322,3 +322,60 @@ def validate(
     step("interface")
     metrics |= interface_metrics(ref, art, cfg.round_trip_chunk, details)
     return ValidationResult(art.name, scheme, metrics, check_gates(metrics, scheme, gates), details)
+
+
+def heldout(ckpt) -> np.ndarray:
+    """The held-out split as windows; validate() scores n_windows of them spread over it (eval_windows), the same
+    ones for `pit-export validate`, `export` and the benchmarks."""
+    from pit_export.models.train import heldout_windows
+
+    return np.asarray(heldout_windows(ckpt.tokenizer, ckpt.config))
+
+
+class Validator:
+    """The one validation orchestrator: the checkpoint's training graph recorded once (on first use) as the Reference,
+    then every session checked against that recording. `pit-export validate` (artifacts or in-memory folds) and the
+    export pipeline (each target, each fallback scheme) both go through it, so a run records its reference once."""
+
+    def __init__(self, ckpt, cfg: ValidateConfig | None = None, threads: int | None = 2, gates: dict | None = None):
+        self.ckpt, self.cfg, self.threads, self.gates = ckpt, cfg or ValidateConfig(), threads, gates
+        self._ref: Reference | None = None
+
+    @property
+    def reference(self) -> Reference:
+        return self.record()
+
+    def record(self) -> Reference:
+        """The reference, recorded now if it was not yet."""
+        if self._ref is None:
+            from pit_export.runtimes.pytorch import ReferenceSession
+
+            session = ReferenceSession(self.ckpt.model, self.threads)
+            self._ref = Reference(session, heldout(self.ckpt), self.cfg, self.ckpt.config.max_seq_len)
+        return self._ref
+
+    def check(
+        self,
+        session: Session,
+        scheme: str | None = None,
+        label: str | None = None,
+        progress: Callable[[str], None] | None = None,
+    ) -> ValidationResult:
+        """Validate one session; `scheme` (default: the session's own) picks the gates, `label` names the artifact."""
+        sch = scheme or getattr(session, "scheme", "fp32")
+        res = validate(
+            self.reference, session, scheme=sch, cfg=self.cfg, progress=progress, gates=gates_for(sch, self.gates)
+        )
+        res.artifact = label
+        return res
+
+    def close(self) -> None:
+        if self._ref is not None:
+            self._ref.close()
+            self._ref = None
+
+    def __enter__(self) -> Validator:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

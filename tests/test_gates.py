@@ -53,8 +53,7 @@ def plan(pit_ckpt):
     from pit_export.runtimes.pytorch import ReferenceSession
 
     from pit_export.fold import fold
-    from pit_export.pipeline import heldout
-    from pit_export.validate import Reference, ValidateConfig
+    from pit_export.validate import Reference, ValidateConfig, heldout
 
     cfg = ValidateConfig(n_windows=N_WINDOWS, n_greedy=N_GREEDY)
     ref = Reference(ReferenceSession(pit_ckpt.model, 2), heldout(pit_ckpt), cfg, pit_ckpt.config.max_seq_len)

@@ -23,7 +23,7 @@ from pit_export.errors import BadInput, Unavailable
 from pit_export.fold import fold
 from pit_export.memory import release_file_pages, release_memory
 from pit_export.models.checkpoint import CONFIG, MARKER, TOKENIZER, WEIGHTS, Checkpoint, atomic_dir, file_sha256
-from pit_export.quantize import get_scheme
+from pit_export.quantize import get_scheme, recipe
 
 META = "pit_export.json"
 
@@ -113,8 +113,7 @@ def export_artifact(
     t = TARGETS[target]
     sch = get_scheme(scheme or t.scheme, embedding_bits)
     layout = layout or t.layout
-    if sch.backends is not None and t.backend not in sch.backends:
-        raise BadInput(f"scheme {sch.name} is not available for target {target} (only {', '.join(sch.backends)})")
+    recipe(sch, t.backend)  # BadInput where this backend does not implement the scheme (quantize.RECIPES)
     if importlib.util.find_spec(f"{__name__}.{t.backend}") is None:
         raise Unavailable(f"target {target}: the {t.backend} exporter is not part of this build")
     try:

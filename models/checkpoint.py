@@ -281,12 +281,29 @@ def artifact_config(folder: Path) -> ModelConfig:
     return cfg
 
 
+SHIPPED = Path(__file__).resolve().parent  # the models shipped with the package: pit-tiny, tied-tiny
+
+
+def shipped_models() -> list[str]:
+    return sorted(p.name for p in SHIPPED.iterdir() if (p / CONFIG).is_file())
+
+
+def resolve_model(path: str | os.PathLike) -> Path:
+    """A checkpoint folder as given, or, when no such path exists and it is a bare name, the shipped model of that name
+    (`pit-export inspect pit-tiny` from any folder, an installed package included)."""
+    p = Path(path)
+    if p.exists() or p.is_symlink() or len(p.parts) != 1:
+        return p
+    return SHIPPED / p.name if (SHIPPED / p.name / CONFIG).is_file() else p
+
+
 def load_checkpoint(path: str | os.PathLike, runtime: bool = True) -> Checkpoint:
     """Config, then the weights' header against it, then (with `runtime`: the caller will export or run it) the
-    context against this machine's memory, and only then the tensors."""
-    path = Path(path)
+    context against this machine's memory, and only then the tensors. `path` may name a shipped model."""
+    path = resolve_model(path)
     if not path.is_dir():
-        raise CheckpointError(f"{path}: not a checkpoint folder")
+        names = ", ".join(shipped_models())
+        raise CheckpointError(f"{path}: not a checkpoint folder (nor a shipped model: {names})")
     for f in (CONFIG, WEIGHTS, TOKENIZER):
         if not (path / f).is_file():
             raise CheckpointError(f"{path}: {f} missing")

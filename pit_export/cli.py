@@ -33,7 +33,12 @@ err = Console(stderr=True, soft_wrap=True, width=None if sys.stderr.isatty() els
 STATE = {"debug": False}
 LIVE: list[Progress] = []  # the progress display on screen, if any
 
-CkptArg = Annotated[Path, typer.Argument(help="Checkpoint folder (config.json, model.safetensors, tokenizer.json).")]
+CkptArg = Annotated[
+    Path,
+    typer.Argument(
+        help="Checkpoint folder (config.json, model.safetensors, tokenizer.json), or a shipped model's name."
+    ),
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout.")]
 ThreadsOpt = Annotated[int, typer.Option(help="CPU threads for the runtimes.")]
 ForceOpt = Annotated[
@@ -70,9 +75,9 @@ def progress(enabled: bool = True):
 def _check_out(path: Path, force: bool, *inputs: Path | None):
     """Before any work: an unusable output is said now, not after minutes of exporting (atomic_dir checks again).
     The output may not be, contain or lie inside an input; --force replaces only a folder pit-export wrote."""
-    from pit_export.models.checkpoint import check_output
+    from pit_export.models.checkpoint import check_output, resolve_model
 
-    check_output(path, force, inputs)
+    check_output(path, force, [resolve_model(i) for i in inputs if i is not None])
 
 
 def _load(path: Path, runtime: bool = True):

@@ -141,3 +141,20 @@ def test_gate_failure_exit_3(tmp_path):
     p = run("validate", DEFAULT_MODEL, "--artifact", out, "--n-windows", "1", "--n-greedy", "8")
     assert p.returncode == 3, p.stderr
     assert "gate failed" in p.stderr
+
+
+def test_shipped_models_by_name(tmp_path, capsys, monkeypatch):
+    """A bare name that is no path here names a shipped model; a folder of that name in the working folder wins."""
+    from .conftest import TIED_MODEL
+    from .test_faults import cli
+
+    monkeypatch.chdir(tmp_path)
+    code, err = cli(capsys, ["inspect", "pit-tiny", "--json"])
+    assert code == 0, err
+    code, err = cli(capsys, ["inspect", "pit-large"])
+    assert code == 2 and "pit-tiny" in err and "tied-tiny" in err, err
+    code, err = cli(capsys, ["fold", "pit-tiny", "--out", DEFAULT_MODEL / "sub"])  # the name resolves as an input
+    assert code == 5 and "lies inside the input" in err, err
+    shutil.copytree(TIED_MODEL, tmp_path / "pit-tiny")
+    p = subprocess.run([*CLI, "inspect", "pit-tiny", "--json"], capture_output=True, text=True, cwd=tmp_path)
+    assert p.returncode == 0 and json.loads(p.stdout)["config"]["tying"] == "tied", p.stderr

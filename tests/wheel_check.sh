@@ -112,8 +112,8 @@ check() {
     "$V/pit-export" "$@" || fail "pit-export $* (exit $?)"
     PASSED=$((PASSED + 1))
 }
-check inspect "$MODEL"
-check validate "$MODEL" --n-windows 1 --n-greedy 4
+check inspect pit-tiny  # a shipped model, by name
+check validate pit-tiny --layout untied,shared-z --n-windows 1 --n-greedy 4
 check export "$MODEL" --target onnx-cpu --scheme fp32 --n-windows 1 --n-greedy 4 --out "$TMP/o"
 [[ -f $TMP/o/onnx-cpu/model.onnx ]] || fail "export wrote no $TMP/o/onnx-cpu/model.onnx"
 

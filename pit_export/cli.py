@@ -192,8 +192,12 @@ def validate(
         list[Path] | None, typer.Option(help="Artifact folder(s) to check; default: fold in memory.")
     ] = None,
     layout: Annotated[
-        str, typer.Option(help="Layout(s) to fold when no artifact is given: names, comma-separated, or 'all'.")
-    ] = "all",
+        str,
+        typer.Option(
+            help="Layout(s) to fold when no artifact is given: names, comma-separated; 'shipped' (the layouts the "
+            "targets export) or 'all' (shared-e too, whose fp32 error grows as cond(T)^2: the fold warns)."
+        ),
+    ] = "shipped",
     scheme: Annotated[
         str | None, typer.Option(help="Gate set (fp32, fp16, int8, 8da4w, int4, palettize4); default: the artifact's.")
     ] = None,
@@ -206,6 +210,7 @@ def validate(
     """Compare artifacts (or in-memory folds) with the training graph; exit 3 if a gate fails."""
     from pit_export.fold import fold, layouts_for
     from pit_export.models.checkpoint import artifact_config
+    from pit_export.pipeline import baseline_layout as pipeline_layout
     from pit_export.runtimes import open_session
     from pit_export.runtimes.pytorch import FoldedSession
     from pit_export.validate import load_gates
@@ -217,7 +222,13 @@ def validate(
     if artifact:
         targets = [(str(a), lambda a=a: open_session(a, threads=threads)) for a in artifact]
     else:
-        names = layouts_for(c.config.tying) if layout == "all" else tuple(layout.split(","))
+        if layout in ("all", "shipped"):
+            from pit_export.export import TARGETS
+
+            shipped = {pipeline_layout(t.layout, c.config.tying) for t in TARGETS.values()}
+            names = tuple(n for n in layouts_for(c.config.tying) if layout == "all" or n in shipped)
+        else:
+            names = tuple(layout.split(","))
         targets = [(f"fold {n}", lambda n=n: FoldedSession(fold(c, n)[0], threads)) for n in names]
     from pit_export.validate import ValidateConfig
 

@@ -13,34 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
+from pit_export.compat.coremltools import causal_mask, import_coremltools
+
 from .base import register
-
-# coremltools imports these at import time only to learn whether they exist (to convert EXIR programs,
-# torchao-quantized modules and scikit-learn models, none of which pit-export hands it): ~200 MB of modules in every
-# process that converts or reads a package. Hidden while it imports, they stay importable afterwards.
-_PROBED_ONLY = ("executorch", "torchao", "transformers", "sklearn", "scipy")
-
-
-def import_coremltools():
-    """`import coremltools`, without the optional packages it would only probe for."""
-    import sys
-
-    if "coremltools" not in sys.modules:
-        hidden = [m for m in _PROBED_ONLY if m not in sys.modules]
-        sys.modules.update(dict.fromkeys(hidden))  # None: "import m" raises ImportError
-        try:
-            import coremltools  # noqa: F401
-        finally:
-            for m in hidden:
-                if sys.modules.get(m, 0) is None:
-                    del sys.modules[m]
-    return sys.modules["coremltools"]
-
-
-def causal_mask(start: int, n: int, neg: float) -> np.ndarray:
-    """[1, 1, n, start + n] additive mask: query i (position start + i) sees keys 0..start + i."""
-    allowed = np.arange(start + n)[None, :] <= (start + np.arange(n))[:, None]
-    return np.where(allowed, 0.0, neg).astype(np.float32)[None, None]
 
 
 class _PackageSession:

@@ -170,7 +170,7 @@ def _execute(op: Op, env: dict) -> None:
 
 def load_program(package: Path) -> dict[str, MilFunction]:
     """All functions of a .mlpackage, consts and constexpr ops evaluated once."""
-    from .coreml import import_coremltools
+    from pit_export.compat.coremltools import import_coremltools
 
     import_coremltools()
     from coremltools.proto import Model_pb2  # the protobuf schema only

@@ -35,12 +35,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pit_export.compat.coremltools import BLOB_KINDS, blob_storage, causal_mask, import_coremltools
 from pit_export.decoder import CachedAttention, Decoder, EntryPoint, FoldedWeights
 from pit_export.errors import BadInput
 from pit_export.memory import FORK_ABOVE_BYTES, release_memory, run_forked
 from pit_export.models.checkpoint import scratch_dir
 from pit_export.quantize import Scheme
-from pit_export.runtimes.coreml import causal_mask, import_coremltools
 
 import_coremltools()  # before any "import coremltools" below (the first import decides what it pulls in)
 
@@ -161,13 +161,28 @@ def compression_config(scheme: Scheme, model):
             group_size=scheme.group_size,
             num_kmeans_workers=1,
         )
-    skip = {  # const names come from the traced parameter names (the converted model's MIL program)
-        c.name: None
-        for fn in model._mil_program.functions.values()
-        for c in fn.find_ops(op_type="const")
-        if "head_proj" in c.name or "embed_proj" in c.name
-    }
+    # const names come from the traced parameter names; compression reads them from the saved program (its spec)
+    skip = {name: None for name in const_names(model.get_spec()) if "head_proj" in name or "embed_proj" in name}
     return cto.OptimizationConfig(op_type_configs={t: op for t in ("linear", "matmul", "gather")}, op_name_configs=skip)
+
+
+def const_names(spec) -> list[str]:
+    """The names of every const op of an ML program spec, as coremltools.optimize loads them (the op's "name"
+    attribute, else its output's name)."""
+    names = []
+
+    def walk(block):
+        for op in block.operations:
+            if op.type == "const":
+                attr = op.attributes["name"] if "name" in op.attributes else None  # [] on a map would insert
+                names.append(attr.immediateValue.tensor.strings.values[0] if attr is not None else op.outputs[0].name)
+            for inner in op.blocks:
+                walk(inner)
+
+    for fn in spec.mlProgram.functions.values():
+        for block in fn.block_specializations.values():
+            walk(block)
+    return names
 
 
 def compress(model, scheme: Scheme):
@@ -187,25 +202,6 @@ def write_function(fw: FoldedWeights, function: str, scheme: Scheme, dest: Path)
         if scheme.linear_bits is not None:
             model = compress(model, scheme)
         model.save(str(dest))
-
-
-# MIL blob dtypes -> the suffix of coremltools' blob storage read_*/write_* methods
-_BLOB_KINDS = {
-    "FLOAT32": "float",
-    "FLOAT16": "fp16",
-    "INT8": "int8",
-    "UINT8": "uint8",
-    "INT4": "int4",
-    "UINT4": "uint4",
-    "UINT1": "uint1",
-    "UINT2": "uint2",
-    "UINT3": "uint3",
-    "UINT6": "uint6",
-    "INT16": "int16",
-    "UINT16": "uint16",
-    "INT32": "int32",
-    "UINT32": "uint32",
-}
 
 
 def _blob_values(msg):
@@ -229,7 +225,7 @@ def _read_blob(reader, value):
     """(kind, array) of one weight.bin value, through coremltools' blob storage reader."""
     from coremltools.proto import MIL_pb2
 
-    kind = _BLOB_KINDS[MIL_pb2.DataType.Name(value.type.tensorType.dataType)]
+    kind = BLOB_KINDS[MIL_pb2.DataType.Name(value.type.tensorType.dataType)]
     return kind, getattr(reader, f"read_{kind}_data")(value.blobFileValue.offset)
 
 
@@ -237,10 +233,20 @@ def merge_functions(packages: dict[str, Path], dest: Path, default: str = "main"
     """One multifunction .mlpackage from single-function ones: what ct.utils.save_multifunction writes (the same
     functions, the same weight.bin with a blob shared wherever the bytes are equal), one blob at a time.
     save_multifunction instead loads every function's weights into a MIL program and exports it again: at 135M
-    parameters that held the vocabulary table three times and peaked 1.1 GB above the process."""
+    parameters that held the vocabulary table three times and peaked 1.1 GB above the process. Outside the
+    coremltools versions its blob storage access was written for (compat.coremltools), save_multifunction it is."""
     import coremltools as ct
-    from coremltools.libmilstoragepython import _BlobStorageReader, _BlobStorageWriter
     from coremltools.proto import Model_pb2
+
+    storage = blob_storage()
+    if storage is None:
+        desc = ct.utils.MultiFunctionDescriptor()
+        for name, path in packages.items():
+            desc.add_function(str(path), src_function_name="main", target_function_name=name)
+        desc.default_function_name = default
+        ct.utils.save_multifunction(desc, str(dest))
+        return
+    blob_reader, blob_writer = storage
 
     specs = {name: ct.utils.load_spec(str(path)) for name, path in packages.items()}
     merged = Model_pb2.Model()
@@ -248,10 +254,10 @@ def merge_functions(packages: dict[str, Path], dest: Path, default: str = "main"
     merged.mlProgram.ClearField("functions")
     described = []
     with scratch_dir() as weights:
-        writer = _BlobStorageWriter(str(weights / "weight.bin"))
+        writer = blob_writer(str(weights / "weight.bin"))
         stored: dict[bytes, int] = {}  # digest of (dtype, bytes) -> offset in the merged weight.bin
         for name, spec in specs.items():
-            reader = _BlobStorageReader(str(next(packages[name].rglob("weight.bin"))))
+            reader = blob_reader(str(next(packages[name].rglob("weight.bin"))))
             moved: dict[int, int] = {}  # offset in this package -> offset in the merged file
             for value in _blob_values(spec.mlProgram):
                 old = value.blobFileValue.offset

@@ -15,7 +15,8 @@ constant segment) and the head matmul (XNNPACK's named data) is stored twice. Mo
 land in one named-data store, which deduplicates by content: the fp32 table is stored once. So shared layouts
 ship model.pte + model.ptd. Quantized heads are packed by XNNPACK in its own format, so only fp32 shares.
 
-Lowering and writing run inside lean_lowering (lean_lowering.py): the same bytes, with the weights in memory once.
+Above LEAN_ABOVE_BYTES of folded weights (256 MiB) lowering and writing run inside lean_lowering (lean_lowering.py,
+patches in pit_export/compat): the same bytes, with the weights in memory once. Below it, ExecuTorch's own path.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from torch.export import export as torch_export
 
 from pit_export.decoder import CachedAttention, Decoder, FoldedWeights
 from pit_export.errors import BadInput
-from pit_export.export.lean_lowering import lean_lowering
+from pit_export.export.lean_lowering import LeanReport, lean_lowering, wants_lean
 from pit_export.quantize import Scheme
 
 PTE, DATA_TAG = "model.pte", "model"  # weights file: DATA_TAG.ptd
@@ -197,6 +198,27 @@ def lower(programs: dict, constants: dict, external: bool):
     return edge.to_executorch(cfg)
 
 
+def lower_and_write(programs: dict, meta: dict, external: bool, out: Path, lean: bool) -> LeanReport:
+    """Lower `programs`, write model.pte (+ model.ptd when `external`) into `out`; with `lean`, inside lean_lowering.
+    The report names the lean patches that were in effect (none when not lean, or when all were outside their
+    versions)."""
+
+    def write(program) -> None:
+        with open(Path(out) / PTE, "wb") as f:  # streams the program's segments: .buffer would join them into one copy
+            program.write_to_file(f)
+        if external:
+            program.write_tensor_data_to_file(str(out))
+
+    if not lean:
+        write(lower(programs, meta, external))
+        return LeanReport()
+    with tempfile.TemporaryDirectory(prefix=".lowering-", dir=out) as spill, lean_lowering(Path(spill)) as report:
+        program = lower(programs, meta, external)
+        write(program)
+        del program  # its spilled blobs are removed with it, before their folder
+    return report
+
+
 def export(fw: FoldedWeights, scheme: Scheme, out: Path, ckpt, progress) -> dict:
     t0 = time.perf_counter()
     dec = EtDecoder(fw)
@@ -205,15 +227,11 @@ def export(fw: FoldedWeights, scheme: Scheme, out: Path, ckpt, progress) -> dict
     progress("torch.export")
     programs = export_programs(dec)
     t1 = time.perf_counter()
-    progress("lower to XNNPACK")
+    lean = wants_lean(fw.nbytes)
+    progress("lower to XNNPACK" + (" (lean lowering)" if lean else ""))
     meta = metadata(fw.cfg)
     external = fw.layout != "untied"  # the only way ExecuTorch keeps one copy of a shared table
-    with tempfile.TemporaryDirectory(prefix=".lowering-", dir=out) as spill, lean_lowering(Path(spill)):
-        program = lower(programs, meta, external)
-        with open(Path(out) / PTE, "wb") as f:  # streams the program's segments: .buffer would join them into one copy
-            program.write_to_file(f)
-        if external:
-            program.write_tensor_data_to_file(str(out))
+    applied = lower_and_write(programs, meta, external, out, lean).applied
     t2 = time.perf_counter()
     return {
         "deploy_files": [PTE] + ([f"{DATA_TAG}.ptd"] if external else []),
@@ -225,6 +243,7 @@ def export(fw: FoldedWeights, scheme: Scheme, out: Path, ckpt, progress) -> dict
             "metadata": meta,
             "needs_quantized_kernels": scheme.embedding_bits is not None,
             "needs_custom_ops": True,  # llama::update_cache, llama::custom_sdpa
+            "lean_lowering": applied,  # the compat patches lowering ran with (none below LEAN_ABOVE_BYTES)
             "export_seconds": round(t1 - t0, 2),
             "lower_seconds": round(t2 - t1, 2),
         },

@@ -20,7 +20,6 @@ MatMuls around that table: PIT is never silently tied.
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import json
 import logging
@@ -33,6 +32,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
+from pit_export.compat.onnxscript import forget_matched_graphs
 from pit_export.decoder import Decoder, FoldedWeights, grouped_attention
 from pit_export.errors import BadInput
 from pit_export.memory import FORK_ABOVE_BYTES, release_memory, run_forked
@@ -118,21 +118,8 @@ def export_fp32(dec: Decoder, dest: Path) -> onnx.ModelProto:
         )
     prog.save(dest, external_data=True)
     del prog
-    _forget_matched_graphs()
+    forget_matched_graphs()  # the optimizer's rewrite rules would keep the traced graph, weights included
     return onnx.load(dest, load_external_data=False)
-
-
-def _forget_matched_graphs() -> None:
-    """onnxscript's rewrite rules (module-level singletons used by the exporter's optimizer) keep the last graph
-    they matched, and through its initializers every traced weight: 0.5 GB stayed resident at 135M parameters after
-    the export had returned. Every match() sets these fields again, so clearing them is safe."""
-    from onnxscript.rewriter._matcher import PatternMatcher
-
-    for obj in gc.get_objects():
-        if isinstance(obj, PatternMatcher):
-            for attr in ("_graph", "_current_node", "_match", "_tracer"):
-                if attr in vars(obj):
-                    setattr(obj, attr, None)
 
 
 # ---------------------------------------------------------------- graph edits on the fp32 graph

@@ -127,25 +127,51 @@ def test_cli_exports_default_target_within_8da4w_gate(tmp_path):
     assert m["kl_mean"] < 0.05 and m["top1"] > 0.8  # what a 4-bit model should keep (llama.cpp's Q4 range)
 
 
-def test_low_memory_lowering_writes_the_same_program(fp32_dir, pit_ckpt, tmp_path):
-    """The export lowers inside lean_lowering (partition copies share the constant tensors, XNNPACK's weight
-    blobs wait on disk): that changes where bytes wait, not what is written. The same fold lowered ExecuTorch's own
-    way gives model.pte and model.ptd equal byte for byte, and no spill folder is left in the artifact."""
+def _weight_bytes_read(ep) -> list[int]:
+    """Bytes of each weight (parameter or lifted constant) an exported method's graph reads, each storage once."""
+    sig = ep.graph_signature
+    source = {**sig.inputs_to_parameters, **sig.inputs_to_lifted_tensor_constants}
+    read = {}
+    for n in ep.graph.nodes:
+        if n.op == "placeholder" and n.name in source and n.users:
+            t = ep.state_dict.get(source[n.name], ep.constants.get(source[n.name]))
+            read[t.untyped_storage().data_ptr()] = t.nbytes
+    return list(read.values())
+
+
+def test_low_memory_lowering_writes_the_same_program(fp32_dir, pit_ckpt, tmp_path, monkeypatch):
+    """Lowering inside lean_lowering (what the export does above LEAN_ABOVE_BYTES: partition copies share the
+    constant tensors, XNNPACK's weight blobs wait on disk) changes where bytes wait, not what is written. While the
+    program is lowered the spill folder really holds the weights: one blob per method for every weight of
+    SPILL_BYTES or more it reads (the named-data store deduplicates only when writing). The program it writes equals
+    the fixture's (ExecuTorch's own path at this size) byte for byte, and no spill folder is left in the artifact."""
     from pit_export.models.checkpoint import MARKER
 
-    from pit_export.export.executorch import EtDecoder, export_programs, lower, metadata
-    from pit_export.export.lean_lowering import SPILL_BYTES
+    from pit_export.export import executorch as et
+    from pit_export.export.lean_lowering import SPILL_BYTES, wants_lean
 
     fw = fold(pit_ckpt, "shared-z")[0]
-    spilled = sum(t.nbytes >= SPILL_BYTES for t in fw.tensors.values())
-    assert spilled >= 5 * fw.cfg.n_layers  # the fixture spilled wq, wo and the MLP weights of every layer
-    program = lower(export_programs(EtDecoder(fw)), metadata(fw.cfg), external=True)
-    with open(tmp_path / "model.pte", "wb") as f:
-        program.write_to_file(f)
-    program.write_tensor_data_to_file(str(tmp_path))
+    assert not wants_lean(fw.nbytes)  # the fixture was lowered ExecuTorch's own way: the reference bytes
+    programs = et.export_programs(et.EtDecoder(fw))
+    eligible = sum(b for ep in programs.values() for b in _weight_bytes_read(ep) if b >= SPILL_BYTES)
+    assert eligible > 5 * fw.cfg.n_layers * SPILL_BYTES  # wq, wo and the MLP weights of every layer, the table
+
+    out, waiting, lower = tmp_path / "lean", [], et.lower
+    out.mkdir()
+
+    def lower_then_look(*args):  # the lowered program holds its blobs; the spill folder is inside the artifact
+        program = lower(*args)
+        (spill,) = [p for p in out.iterdir() if p.name.startswith(".")]
+        waiting.extend(p.stat().st_size for p in spill.iterdir())
+        return program
+
+    monkeypatch.setattr(et, "lower", lower_then_look)
+    et.lower_and_write(programs, et.metadata(fw.cfg), True, out, lean=True)
+    assert sum(waiting) == eligible and min(waiting) >= SPILL_BYTES, (len(waiting), sum(waiting), eligible)
     for name in ("model.pte", "model.ptd"):
-        assert (tmp_path / name).read_bytes() == (fp32_dir / name).read_bytes(), name
-    assert not [p.name for p in fp32_dir.iterdir() if p.name.startswith(".") and p.name != MARKER]
+        assert (out / name).read_bytes() == (fp32_dir / name).read_bytes(), name
+    for folder in (out, fp32_dir):
+        assert not [p.name for p in folder.iterdir() if p.name.startswith(".") and p.name != MARKER], folder
 
 
 def test_shared_table_is_stored_once(fp32_dir, pit_ckpt):

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -176,13 +178,19 @@ def validate_cli(ckpt: Path, artifacts: list[Path], gates: Path) -> tuple[int, d
     for a in artifacts:
         argv += ["--artifact", str(a)]
     out, err, old = io.StringIO(), io.StringIO(), sys.argv
+    debug = os.environ.pop("PIT_EXPORT_DEBUG", None)  # an earlier in-process --debug run leaves it set
     sys.argv = argv
     try:
         with redirect_stdout(out), redirect_stderr(err), pytest.raises(SystemExit) as e:
             main()
     finally:
         sys.argv = old
-    return e.value.code, json.loads(out.getvalue()) if out.getvalue().strip() else {}, err.getvalue()
+        if debug is not None:
+            os.environ["PIT_EXPORT_DEBUG"] = debug
+    # in-process, ExecuTorch's native runtime logs ("[threadpool.cpp:66] ...") reach this stderr too; the console
+    # script silences them (tests/test_faults.py checks its one-line errors), so they are not the CLI's lines here
+    lines = [ln for ln in err.getvalue().splitlines() if not re.match(r"\[\w+\.cpp:\d+\] ", ln)]
+    return e.value.code, json.loads(out.getvalue()) if out.getvalue().strip() else {}, "\n".join(lines)
 
 
 @pytest.fixture(scope="module")

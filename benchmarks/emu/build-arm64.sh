@@ -11,6 +11,7 @@ if ! command -v qemu-aarch64-static >/dev/null || ! command -v qemu-aarch64 >/de
     apt-get install -y --no-install-recommends qemu-user-static qemu-user debootstrap
 fi
 PLUGIN=$(dirname "$ROOT")/libinsncount.so
+mkdir -p "$(dirname "$ROOT")"  # a fresh checkout has no .emu/ yet
 if [ ! -f "$PLUGIN" ] && command -v cc >/dev/null; then
     cc -O2 -shared -fPIC -o "$PLUGIN" "$(dirname "$0")/insn_count.c"
 fi

@@ -364,3 +364,18 @@ def test_no_import_cycles_in_the_package():
     assert "pit_export.compat.coremltools" in graph["pit_export.runtimes.milnumpy"]
     exporters = [m for m in graph if m.startswith("pit_export.export.")]
     assert not [(m, t) for m in exporters for t in graph[m] if t.startswith("pit_export.runtimes")]
+
+
+def test_cli_shows_a_skipped_patch_as_one_warning_line(capsys):
+    """The CLI silences toolchain chatter, but not a compat patch skipped for its versions: one `warning:` line."""
+    import warnings
+
+    from pit_export.compat.versions import CompatWarning
+    from pit_export.quiet import quiet_toolchains
+
+    with warnings.catch_warnings():
+        quiet_toolchains()
+        warnings.warn("toolchain chatter", DeprecationWarning)
+        warnings.warn("pit_export.compat: a patch: written for x >=1,<2, found 3; skipped", CompatWarning)
+        err = capsys.readouterr().err
+    assert err.splitlines() == ["warning: pit_export.compat: a patch: written for x >=1,<2, found 3; skipped"]

@@ -118,3 +118,4 @@ check export "$MODEL" --target onnx-cpu --scheme fp32 --n-windows 1 --n-greedy 4
 [[ -f $TMP/o/onnx-cpu/model.onnx ]] || fail "export wrote no $TMP/o/onnx-cpu/model.onnx"
 
 echo "wheel check: $PASSED commands passed outside the repository ($((SECONDS - START))s)"
+echo "wheel-check: $PASSED passed, 0 failed"

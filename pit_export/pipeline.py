@@ -21,6 +21,7 @@ from pathlib import Path
 
 from pit_export.errors import BadInput, GateFailed, Unavailable
 from pit_export.export import TARGETS, export_artifact
+from pit_export.fold import fold
 from pit_export.models.checkpoint import Checkpoint, atomic_dir
 from pit_export.validate import ValidateConfig, ValidationResult, Validator
 
@@ -182,6 +183,8 @@ def _one_target(
         opts.embedding_bits if opts.embedding_bits is not None else (None if opts.scheme else preset.embedding_bits)
     )
     emb_bits = emb_bits or None  # 0: float table
+    # one fold per layout and run: fallback attempts reuse it (an unvalidated run has no fallbacks)
+    folded = fold(ckpt, opts.layout or preset.layout) if opts.validate and len(schemes) > 1 else None
     res = ArtifactResult(target, rel, "failed")
     folder = root / rel
     for i, scheme in enumerate(schemes):
@@ -212,6 +215,7 @@ def _one_target(
                 lambda msg: progress(rel, msg),
                 check if opts.validate else None,
                 release_source=last,
+                folded=folded,
             )
         except Unavailable as e:
             if not skip_unavailable:

@@ -101,3 +101,36 @@ def test_damaged_artifact_fails_gate_exit_3(onnx_run, tmp_path):
     p = run("validate", DEFAULT_MODEL, "--artifact", bad, *FAST)
     assert p.returncode == 3, p.stderr
     assert "gate failed" in p.stderr and "ppl_ratio" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_fallbacks_fold_once_and_export_what_a_fresh_fold_exports(tmp_path, pit_ckpt, monkeypatch):
+    """A preset whose schemes fail their gates falls back with the run's one fold (and one reference recording); the
+    artifact it ships is byte for byte what a fresh fold exports with that scheme."""
+    import pit_export.fold as fold_module
+    import pit_export.pipeline as pipeline
+    from pit_export.export import export_artifact
+    from pit_export.report import NONDETERMINISM
+
+    folds = []
+    real = fold_module.fold
+
+    def counted(ckpt, layout):
+        folds.append(layout)
+        return real(ckpt, layout)
+
+    monkeypatch.setattr(pipeline, "fold", counted)
+    monkeypatch.setattr("pit_export.export.fold", counted)
+    gates = {s: {"top1": (">=", 1.0)} for s in ("8da4w", "int4")}  # 4-bit cannot keep every top-1: two fallbacks
+    opts = pipeline.PipelineOptions(gates={**default_gates(), **gates}, n_windows=2, n_greedy=16)
+    result = pipeline.run(pit_ckpt, ["onnx-cpu"], tmp_path / "out", opts)
+    (a,) = result.artifacts
+    assert a.status == "passed" and a.scheme == "int8" and len(a.rejected) == 2, (a.status, a.scheme, a.rejected)
+    assert folds == ["shared-z"]  # three attempts, one fold
+    fresh = export_artifact(pit_ckpt, "onnx-cpu", tmp_path / "fresh", "int8")
+    assert [f for f in fresh["files"] if f not in NONDETERMINISM and fresh["files"][f] != a.files[f]] == []
+
+
+def default_gates():
+    from pit_export.validate import GATES
+
+    return {k: dict(v) for k, v in GATES.items()}

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
 
+from pit_export.decoder import FoldedWeights
 from pit_export.errors import BadInput, Unavailable
 from pit_export.fold import fold
 from pit_export.memory import release_file_pages, release_memory
@@ -101,11 +102,14 @@ def export_artifact(
     progress=lambda msg: None,
     check=None,
     release_source: bool = False,
+    folded=None,
 ) -> dict:
     """Fold, export and write pit_export.json; returns the manifest.
 
     `check(folder) -> dict` runs on the finished temporary folder (validation); its result lands in the manifest.
     If it raises (a failed gate), nothing is written: `out` appears only complete and checked.
+    `folded`: (FoldedWeights, FoldReport) of this checkpoint and layout from an earlier attempt, reused instead of
+    folding again (the backends read the tensors and never change them; they release only their own dict).
     `release_source`: the checkpoint's model is not needed afterwards (no check, no other export): it is dropped once
     folded, and the backend frees the folded tensors once its files hold them (peak memory at scale)."""
     if target not in TARGETS:
@@ -120,8 +124,12 @@ def export_artifact(
         backend = importlib.import_module(f"{__name__}.{t.backend}")
     except ImportError as e:  # its toolchain is missing here
         raise Unavailable(f"target {target}: {t.backend} toolchain unavailable ({e})") from None
-    progress(f"fold ({layout})")
-    fw, fold_report = fold(ckpt, layout)
+    if folded is not None and folded[0].layout == layout:  # a fold of this run, shared by its attempts
+        base, fold_report = folded
+        fw = FoldedWeights(base.cfg, base.layout, dict(base.tensors), dict(base.meta))  # release() clears the copy
+    else:
+        progress(f"fold ({layout})")
+        fw, fold_report = fold(ckpt, layout)
     if release_source:
         dead = list(ckpt.model.state_dict().values())
         ckpt.model = None

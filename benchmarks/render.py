@@ -124,6 +124,11 @@ ARTIFACT_COLS = [
 ]
 
 
+def cells(r: dict, cols) -> list[str]:
+    """One table row: r's value of each (key, header, format) column."""
+    return [num(r.get(k), spec) for k, _, spec in cols]
+
+
 # what validated the rows of each target's artifact table
 RUNTIMES = {
     "android": "the ExecuTorch runtime (XNNPACK)",
@@ -158,7 +163,7 @@ def render_artifacts(name: str, rows: list[dict]) -> str:
     for r in rows:
         row = [r.get("model"), r.get("layout"), r.get("scheme"), mb(r.get("model_bytes")), num(r.get("export_wall_s"))]
         row.append("yes" if r.get("passed") else "**no**")
-        row += [num(r.get(k), spec) for k, _, spec in ARTIFACT_COLS]
+        row += cells(r, ARTIFACT_COLS)
         if genai:
             row.append(num(r.get("genai_agree")))
         body.append(row)
@@ -197,44 +202,30 @@ def config_lines(c: dict | None) -> list[str]:
     return ["## Configuration", "", *kv_table(pairs), ""]
 
 
+HOST_COLS = [
+    ("prefill_tok_s", "prefill tok/s", ".0f"),
+    ("ttft_ms", "TTFT ms", ".2f"),
+    ("decode_tok_s", "decode tok/s", ".0f"),
+    ("decode_tok_s_p50", "decode tok/s, 1 / median step", ".0f"),
+    ("step_p50_ms", "step p50 ms", ".3f"),
+    ("step_p90_ms", "step p90 ms", ".3f"),
+    ("load_s", "load s", ".2f"),
+    ("peak_rss_mb", "peak RSS MiB", ".0f"),
+    ("base_rss_mb", "interpreter RSS MiB", ".0f"),
+    ("session_rss_mb", "session RSS MiB", ".0f"),
+    ("loadavg_1m", "load 1m", ".2f"),
+]
+
+
 def host_runs(runs: list[dict]) -> list[str]:
-    header = [
-        "threads",
-        "prompt",
-        "prefill tok/s",
-        "TTFT ms",
-        "decode tok/s",
-        "decode tok/s, 1 / median step",
-        "step p50 ms",
-        "step p90 ms",
-        "load s",
-        "peak RSS MiB",
-        "interpreter RSS MiB",
-        "session RSS MiB",
-        "load 1m",
-    ]
+    header = ["threads", "prompt", *(h for _, h, _ in HOST_COLS)]
     rows = []
     for r in runs:
+        head = [r.get("threads"), r.get("prompt_len")]
         if "error" in r:
-            rows.append([r.get("threads"), r.get("prompt_len"), f"error: {r['error']}", *[""] * 10])
-            continue
-        rows.append(
-            [
-                r.get("threads"),
-                r.get("prompt_len"),
-                num(r.get("prefill_tok_s"), ".0f"),
-                num(r.get("ttft_ms"), ".2f"),
-                num(r.get("decode_tok_s"), ".0f"),
-                num(r.get("decode_tok_s_p50"), ".0f"),
-                num(r.get("step_p50_ms"), ".3f"),
-                num(r.get("step_p90_ms"), ".3f"),
-                num(r.get("load_s"), ".2f"),
-                num(r.get("peak_rss_mb"), ".0f"),
-                num(r.get("base_rss_mb"), ".0f"),
-                num(r.get("session_rss_mb"), ".0f"),
-                num(r.get("loadavg_1m"), ".2f"),
-            ]
-        )
+            rows.append([*head, f"error: {r['error']}", *[""] * (len(HOST_COLS) - 1)])
+        else:
+            rows.append([*head, *cells(r, HOST_COLS)])
     return [
         "## Runs",
         "",
@@ -360,38 +351,23 @@ def profile_lines(p: dict | None, top: int | None = None, heading: str = "## Whe
     return out
 
 
+EMULATED_COLS = [
+    ("emulated_load_s", "load s", ".2f"),
+    ("emulated_ttft_ms", "TTFT ms", ".0f"),
+    ("emulated_prefill_tok_s", "prefill tok/s", ".1f"),
+    ("emulated_decode_tok_s", "decode tok/s", ".2f"),
+    ("emulated_step_p50_ms", "step p50 ms", ".1f"),
+    ("loadavg_1m", "load 1m", ".2f"),
+    ("parity_max_abs", "logits max \\|Δ\\| vs host", ".2g"),
+    ("parity_top1_same", "top-1 same", ".4g"),
+    ("parity_gate", "gate", "g"),
+    ("parity_ok", "gate ok", ".4g"),
+]
+
+
 def emulated_runs(runs: list[dict]) -> list[str]:
-    header = [
-        "threads",
-        "prompt",
-        "load s",
-        "TTFT ms",
-        "prefill tok/s",
-        "decode tok/s",
-        "step p50 ms",
-        "load 1m",
-        "logits max \\|Δ\\| vs host",
-        "top-1 same",
-        "gate",
-        "gate ok",
-    ]
-    rows = [
-        [
-            r.get("threads"),
-            r.get("prompt_len"),
-            num(r.get("emulated_load_s"), ".2f"),
-            num(r.get("emulated_ttft_ms"), ".0f"),
-            num(r.get("emulated_prefill_tok_s"), ".1f"),
-            num(r.get("emulated_decode_tok_s"), ".2f"),
-            num(r.get("emulated_step_p50_ms"), ".1f"),
-            num(r.get("loadavg_1m"), ".2f"),
-            num(r.get("parity_max_abs"), ".2g"),
-            num(r.get("parity_top1_same")),
-            num(r.get("parity_gate"), "g"),
-            num(r.get("parity_ok")),
-        ]
-        for r in runs
-    ]
+    header = ["threads", "prompt", *(h for _, h, _ in EMULATED_COLS)]
+    rows = [[r.get("threads"), r.get("prompt_len"), *cells(r, EMULATED_COLS)] for r in runs]
     return [
         "## Runs (emulated)",
         "",
@@ -452,6 +428,20 @@ def is_peers(data) -> bool:
     return isinstance(data, dict) and {"bench", "exports", "ratios"} <= set(data)
 
 
+PEER_COLS = [
+    ("decode_tok_s", "decode tok/s", ".1f"),
+    ("decode_tok_s_p50", "1 / median step", ".1f"),
+    ("prefill_tok_s", "prefill tok/s", ".0f"),
+    ("ttft_ms", "TTFT ms", ".0f"),
+    ("step_p50_ms", "step p50 ms", ".2f"),
+    ("step_p90_ms", "step p90 ms", ".2f"),
+    ("load_s", "load s", ".2f"),
+    ("peak_rss_mb", "peak RSS MiB", ".0f"),
+    ("loadavg_1m", "load 1m", ".2f"),
+    ("tokens_same_every_run", "same tokens every run", ".4g"),
+]
+
+
 def render_peers(name: str, d: dict) -> str:
     lines = banner(name, "pit-export beside its peers")
     lines += [
@@ -497,47 +487,18 @@ def render_peers(name: str, d: dict) -> str:
         *table(["artifact", "what", "how", "MB"], desc),
         "",
     ]
-    header = [
-        "artifact",
-        "threads",
-        "prompt",
-        "decode tok/s",
-        "1 / median step",
-        "prefill tok/s",
-        "TTFT ms",
-        "step p50 ms",
-        "step p90 ms",
-        "load s",
-        "peak RSS MiB",
-        "load 1m",
-        "same tokens every run",
-    ]
+    header = ["artifact", "threads", "prompt", *(h for _, h, _ in PEER_COLS)]
     rows = []
     for k, b in bench.items():
         if "runs" not in b:
-            rows.append([k, DASH, DASH, f"not measured: {b.get('error', '')}", *[""] * 9])
+            rows.append([k, DASH, DASH, f"not measured: {b.get('error', '')}", *[""] * (len(PEER_COLS) - 1)])
             continue
         for r in b["runs"]:
+            head = [k, r.get("threads"), r.get("prompt_len")]
             if "error" in r:
-                rows.append([k, r.get("threads"), r.get("prompt_len"), f"error: {r['error']}", *[""] * 9])
-                continue
-            rows.append(
-                [
-                    k,
-                    r.get("threads"),
-                    r.get("prompt_len"),
-                    num(r.get("decode_tok_s"), ".1f"),
-                    num(r.get("decode_tok_s_p50"), ".1f"),
-                    num(r.get("prefill_tok_s"), ".0f"),
-                    num(r.get("ttft_ms"), ".0f"),
-                    num(r.get("step_p50_ms"), ".2f"),
-                    num(r.get("step_p90_ms"), ".2f"),
-                    num(r.get("load_s"), ".2f"),
-                    num(r.get("peak_rss_mb"), ".0f"),
-                    num(r.get("loadavg_1m"), ".2f"),
-                    num(r.get("tokens_same_every_run")),
-                ]
-            )
+                rows.append([*head, f"error: {r['error']}", *[""] * (len(PEER_COLS) - 1)])
+            else:
+                rows.append([*head, *cells(r, PEER_COLS)])
     lines += ["## Runs", "", *table(header, rows), ""]
 
     rows = []

@@ -369,7 +369,7 @@ def foreign_files(root: Path) -> list[str] | None:
     return foreign or None
 
 
-def _within(a: Path, b: Path) -> bool:
+def within(a: Path, b: Path) -> bool:
     """a is b or lies inside b (resolved paths)."""
     return a == b or b in a.parents
 
@@ -389,9 +389,9 @@ def check_output(dest: Path, force: bool, inputs=()) -> None:
         src = Path(i).resolve()
         if out == src:
             raise OutputError(f"output {dest} is the input {i}; choose another output folder")
-        if _within(src, out):
+        if within(src, out):
             raise OutputError(f"output {dest} contains the input {i}; choose another output folder")
-        if _within(out, src):
+        if within(out, src):
             raise OutputError(f"output {dest} lies inside the input {i}; choose a folder outside it")
     if not dest.exists():
         return

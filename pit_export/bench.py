@@ -291,11 +291,11 @@ BENCH_KEYS = {"schema", "where", "label", "machine", "artifact", "config"}  # wh
 
 def check_out_file(path: Path, artifact: Path) -> None:
     """The JSON may replace only an earlier bench result, and never lands in (or on) the artifact it measures."""
-    from pit_export.models.checkpoint import OutputError
+    from pit_export.models.checkpoint import OutputError, within
 
     path = Path(path)
     out, art = path.resolve(), Path(artifact).resolve()
-    if out == art or art in out.parents or out in art.parents:
+    if within(out, art) or within(art, out):
         raise OutputError(f"--out {path} is or lies inside the artifact {artifact}; choose a file outside it")
     if path.is_symlink() or (path.exists() and not path.is_file()):
         raise OutputError(f"--out {path} exists and is not a plain file; choose another file")

@@ -15,7 +15,7 @@ from rich.table import Table
 from rich.text import Text
 
 from pit_export.errors import BadInput
-from pit_export.runtimes.base import Session
+from pit_export.runtimes.base import Session, decode_loop
 
 
 def check_sampling(temperature: float, top_p: float) -> tuple[float, float]:
@@ -92,17 +92,7 @@ def generate(
         rng = np.random.default_rng(seed)
     except (TypeError, ValueError) as e:
         raise BadInput(f"bad seed {seed!r}: {str(e).splitlines()[0][:200]}") from None
-    n = min(int(max_new), session.max_seq_len - len(prompt_ids))
-    session.reset()
-    logits = session.prefill(np.asarray(prompt_ids, dtype=np.int64), 0)[-1]
-    out: list[int] = []
-    for i in range(n):
-        tok = sample(logits, temperature, top_p, rng)
-        out.append(tok)
-        if tok in stop or i == n - 1:
-            break
-        logits = session.decode(tok, len(prompt_ids) + i)
-    return out
+    return decode_loop(session, prompt_ids, int(max_new), stop, lambda logits: sample(logits, temperature, top_p, rng))
 
 
 def first_difference(a: list[int], b: list[int]) -> int | None:

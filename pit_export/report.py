@@ -109,6 +109,12 @@ def _artifact_json(a) -> dict:
     }
 
 
+MANIFEST_KEYS = (
+    "target", "folder", "status", "note", "backend", "scheme", "layout", "bytes", "deploy_files", "files", "gates",
+    "rejected",
+)  # fmt: skip
+
+
 def report_json(result, manifest: dict) -> dict:
     """`manifest`: the run's manifest.json (manifest() below): its checkpoint hash and tool versions are reused."""
     ck = result.checkpoint
@@ -302,22 +308,9 @@ def manifest(result) -> dict:
     """The run's manifest.json: what went in, what came out, which gates held."""
     ck = result.checkpoint
 
-    def entry(a) -> dict:
-        m = a.manifest
-        return {
-            "target": a.target,
-            "folder": a.folder,
-            "status": a.status,
-            "note": a.note,
-            "backend": m.get("backend"),
-            "scheme": a.scheme,
-            "layout": a.layout,
-            "bytes": a.bytes,
-            "deploy_files": a.manifest.get("deploy_files", []),
-            "files": a.files,
-            "gates": [g.__dict__ for g in a.validation.gates] if a.validation else [],
-            "rejected": a.rejected,
-        }
+    def entry(a) -> dict:  # the report's artifact entry, less metrics, failures and fold report
+        full = _artifact_json(a)
+        return {k: full[k] for k in MANIFEST_KEYS}
 
     return {
         "checkpoint": {

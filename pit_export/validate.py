@@ -341,10 +341,6 @@ class Validator:
         self.ckpt, self.cfg, self.threads, self.gates = ckpt, cfg or ValidateConfig(), threads, gates
         self._ref: Reference | None = None
 
-    @property
-    def reference(self) -> Reference:
-        return self.record()
-
     def record(self) -> Reference:
         """The reference, recorded now if it was not yet."""
         if self._ref is None:
@@ -364,7 +360,7 @@ class Validator:
         """Validate one session; `scheme` (default: the session's own) picks the gates, `label` names the artifact."""
         sch = scheme or getattr(session, "scheme", "fp32")
         res = validate(
-            self.reference, session, scheme=sch, cfg=self.cfg, progress=progress, gates=gates_for(sch, self.gates)
+            self.record(), session, scheme=sch, cfg=self.cfg, progress=progress, gates=gates_for(sch, self.gates)
         )
         res.artifact = label
         return res

@@ -131,8 +131,11 @@ def quiet_native_stderr():
         os.close(devnull)
 
 
-def greedy_generate(session: Session, prompt: list[int], max_new: int, stop: set[int] = frozenset()) -> list[int]:
-    """Greedy decoding through prefill + decode: the generation every backend is compared on."""
+def decode_loop(
+    session: Session, prompt: list[int], max_new: int, stop: set[int], pick: Callable[[np.ndarray], int]
+) -> list[int]:
+    """Prefill the prompt, then up to max_new tokens (never past the context), each chosen by pick(logits [V]); a stop
+    token ends it and is included."""
     if not prompt:
         raise ValueError("empty prompt")
     n = min(max_new, session.max_seq_len - len(prompt))
@@ -140,12 +143,17 @@ def greedy_generate(session: Session, prompt: list[int], max_new: int, stop: set
     logits = session.prefill(np.asarray(prompt, dtype=np.int64), 0)[-1]
     out: list[int] = []
     for i in range(n):
-        tok = int(np.argmax(logits))
+        tok = pick(logits)
         out.append(tok)
         if tok in stop or i == n - 1:
             break
         logits = session.decode(tok, len(prompt) + i)
     return out
+
+
+def greedy_generate(session: Session, prompt: list[int], max_new: int, stop: set[int] = frozenset()) -> list[int]:
+    """Greedy decoding through prefill + decode: the generation every backend is compared on."""
+    return decode_loop(session, prompt, max_new, stop, lambda logits: int(np.argmax(logits)))
 
 
 def artifact_backend(path: Path) -> str | None:

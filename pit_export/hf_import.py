@@ -32,13 +32,42 @@ from pit_export.errors import BadInput
 from pit_export.fold import vocab_chunks
 from pit_export.models import checkpoint
 from pit_export.models.checkpoint import CheckpointError, save_checkpoint
-from pit_export.models.pit import ModelConfig, Transformer, expected_shapes, shown
+from pit_export.models.pit import (
+    ROPE_SCALING_KEYS,
+    ModelConfig,
+    Transformer,
+    check_rope_scaling,
+    expected_shapes,
+    shown,
+)
 
 INITS = ("identity", "input", "output")
-ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
-BIASED = ("Qwen2ForCausalLM",)  # q/k/v biases: the PIT training graph has none
+# The families, by architecture: what each one's block is, as training-graph config fields. Config keys then refine
+# them (biases, windows, RoPE); a key the graph cannot honour is refused by name.
+FAMILIES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "llama",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+    "SmolLM3ForCausalLM": "smollm3",
+    "Gemma3ForCausalLM": "gemma3",
+}
+ARCHITECTURES = tuple(FAMILIES)
+GEMMA = ("gemma3",)  # (1 + w) norm gains, stored as the multiplier itself
 HF_CONFIG, HF_INDEX = "config.json", "model.safetensors.index.json"
 POS_CHUNK = 8  # positions per float64 log-softmax: small, equal-sized temporaries the allocator reuses
+# Keys whose values change the math, at the value that leaves it unchanged: any other value is refused by name.
+NEUTRAL = {
+    "partial_rotary_factor": (1, 1.0, None),
+    "use_bidirectional_attention": (False, None),
+    "pretraining_tp": (1, None),  # sliced matmuls: the same products, only the summation order differs
+    "num_experts": (0, None),
+    "num_local_experts": (0, None),
+    "use_qk_norm": (False, None),
+    "cross_attention_layers": (None, []),
+    "attention_chunk_size": (None,),
+}
+ACTS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh"}
 
 
 @dataclass
@@ -66,20 +95,111 @@ def _first(x):
     return x
 
 
-def _rope(hf: dict) -> tuple[float, str]:
-    """(theta, type) from either the v4 keys (rope_theta, rope_scaling) or the v5 rope_parameters."""
-    params = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling") or {}
-    for key, v in (("rope_parameters", params), ("rope_scaling", scaling)):
-        if not isinstance(v, dict):
-            raise BadInput(f"config.json {key}={shown(v)} must be an object")
-    theta = hf.get("rope_theta", params.get("rope_theta", 10000.0))
-    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not math.isfinite(theta) or theta <= 0:
-        raise BadInput(f"config.json rope_theta={shown(theta)} must be a positive number")
-    kind = scaling.get("rope_type", scaling.get("type")) or params.get("rope_type") or "default"
+def _obj(hf: dict, key: str) -> dict:
+    v = hf.get(key)
+    if v is None:
+        return {}
+    if not isinstance(v, dict):
+        raise BadInput(f"config.json {key}={shown(v)} must be an object")
+    return v
+
+
+def _positive(where: str, v) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+        raise BadInput(f"config.json {where}={shown(v)} must be a positive number")
+    return float(v)
+
+
+def _scaling(params: dict, where: str) -> tuple[float | None, dict | None]:
+    """(theta or None, rope_scaling or None) of one RoPE parameter set: v5's rope_parameters (theta inside) or
+    v4's rope_scaling. Only the keys a type reads are taken; any other key with an effect is refused by name."""
+    kind = params.get("rope_type", params.get("type")) or "default"
     if not isinstance(kind, str):
-        raise BadInput(f"config.json rope_type={shown(kind)} must be a string")
-    return float(theta), kind
+        raise BadInput(f"config.json {where}.rope_type={shown(kind)} must be a string")
+    theta = params.get("rope_theta")
+    theta = None if theta is None else _positive(f"{where}.rope_theta", theta)
+    if kind == "default":
+        used: tuple = ()
+    elif kind in ROPE_SCALING_KEYS:
+        used = ROPE_SCALING_KEYS[kind]
+    else:
+        raise BadInput(f"config.json {where}: RoPE scaling {shown(kind)} is not supported (default, linear, llama3)")
+    for k, v in params.items():
+        if k in ("rope_type", "type", "rope_theta", *used):
+            continue
+        if k == "partial_rotary_factor" and v in (1, 1.0):
+            continue
+        raise BadInput(f"config.json {where}.{k}={shown(v)} is not supported (RoPE {kind})")
+    if kind == "default":
+        return theta, None
+    missing = [k for k in used if k not in params]
+    if missing:
+        raise BadInput(f"config.json {where}: RoPE {kind} needs {missing[0]}")
+    rs = {"rope_type": kind, **{k: params[k] for k in used}}
+    try:
+        check_rope_scaling(rs)
+    except ValueError as e:
+        raise BadInput(f"config.json {where}: {e}") from None
+    return theta, rs
+
+
+def _rope(hf: dict) -> tuple[float, dict | None, float | None, dict | None]:
+    """(theta, scaling, local theta, local scaling) from either spelling: v4's rope_theta + rope_scaling
+    (+ Gemma's rope_local_base_freq) or v5's rope_parameters (one set, or one per layer type)."""
+    params = _obj(hf, "rope_parameters")
+    per_type = "full_attention" in params or "sliding_attention" in params
+    if per_type:
+        for k in params:
+            if k not in ("full_attention", "sliding_attention"):
+                raise BadInput(f"config.json rope_parameters.{k}: unknown layer type")
+        full, local = _obj(params, "full_attention"), params.get("sliding_attention")
+    else:
+        full, local = params, None
+    legacy = _obj(hf, "rope_scaling")
+    theta, scaling = _scaling({**legacy, **full}, "rope_parameters" if full else "rope_scaling")
+    if theta is None:
+        theta = _positive("rope_theta", hf.get("rope_theta", 10000.0))
+    local_theta, local_scaling = None, None
+    if local is not None:
+        local_theta, local_scaling = _scaling(_obj(params, "sliding_attention"), "rope_parameters.sliding_attention")
+    elif hf.get("rope_local_base_freq") is not None:
+        local_theta = _positive("rope_local_base_freq", hf["rope_local_base_freq"])
+    return theta, scaling, local_theta, local_scaling
+
+
+def _layer_types(hf: dict, family: str, n_layers: int) -> tuple[list | None, int | None]:
+    """Per-layer "full"/"sliding" and the window (None, None: no sliding layer)."""
+    window = hf.get("sliding_window")
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window <= 0):
+        raise BadInput(f"config.json sliding_window={shown(window)} must be a positive integer or null")
+    types = hf.get("layer_types")
+    if types is not None:
+        if not isinstance(types, list) or len(types) != n_layers:
+            raise BadInput(f"config.json layer_types must list {n_layers} layer types, got {shown(types)}")
+        names = {"full_attention": "full", "sliding_attention": "sliding"}
+        bad = [t for t in types if t not in names]
+        if bad:
+            raise BadInput(
+                f"config.json layer_types: {shown(bad[0])} is not supported (full_attention, sliding_attention)"
+            )
+        kinds = [names[t] for t in types]
+    elif family == "gemma3":
+        pattern = hf.get("sliding_window_pattern", hf.get("_sliding_window_pattern", 6))
+        kinds = ["full" if (i + 1) % pattern == 0 else "sliding" for i in range(n_layers)]
+    elif family == "llama" and hf.get("architectures", [None])[0] == "MistralForCausalLM":
+        kinds = ["sliding"] * n_layers
+    elif family in ("qwen2", "qwen3") and hf.get("use_sliding_window"):
+        start = hf.get("max_window_layers", n_layers)
+        kinds = ["sliding" if i >= start else "full" for i in range(n_layers)]
+    else:
+        kinds = ["full"] * n_layers
+    if family in ("qwen2", "qwen3", "smollm3") and not hf.get("use_sliding_window", False):
+        kinds = ["full"] * n_layers  # the window is declared but switched off
+    if "sliding" in kinds and window is None:
+        raise BadInput("config.json layer_types has sliding layers but sliding_window is null")
+    if "sliding" not in kinds:
+        return None, None
+    return kinds, window
 
 
 def teacher_config(hf: dict, max_seq_len: int) -> ModelConfig:
@@ -87,22 +207,30 @@ def teacher_config(hf: dict, max_seq_len: int) -> ModelConfig:
     arch = _first(hf.get("architectures") or [None])
     if not isinstance(arch, (str, type(None))):
         raise BadInput(f"config.json architectures={shown(hf.get('architectures'))} must name a model class")
-    if arch in BIASED or hf.get("attention_bias") or hf.get("mlp_bias"):
-        raise BadInput(
-            f"{shown(arch or hf.get('model_type'))}: attention/MLP biases are not supported by the PIT graph"
-        )
-    if arch not in ARCHITECTURES:
+    if arch not in FAMILIES:
         raise BadInput(f"unsupported architecture {shown(arch)} (supported: {', '.join(ARCHITECTURES)})")
-    if hf.get("hidden_act", "silu") != "silu":
-        raise BadInput(f"unsupported hidden_act {shown(hf['hidden_act'])} (SwiGLU needs silu)")
-    theta, kind = _rope(hf)
-    if kind != "default":
-        raise BadInput(f"RoPE scaling {shown(kind)} is not supported (plain RoPE only)")
-    window = hf.get("sliding_window")
-    if window is not None and (isinstance(window, bool) or not isinstance(window, int)):
-        raise BadInput(f"config.json sliding_window={shown(window)} must be an integer or null")
-    if window and hf.get("use_sliding_window", True) and window < max_seq_len:
-        raise BadInput(f"sliding-window attention ({window}) is shorter than --max-seq-len")
+    family = FAMILIES[arch]
+    for key, neutral in NEUTRAL.items():
+        if (
+            key in hf
+            and not any(hf[key] == n and type(hf[key]) is type(n) for n in neutral if n is not None)
+            and not (hf[key] is None and None in neutral)
+        ):
+            raise BadInput(f"config.json {key}={shown(hf[key])} is not supported by the PIT graph")
+    act_key = "hidden_activation" if family in GEMMA else "hidden_act"
+    act = hf.get(act_key, "gelu_pytorch_tanh" if family in GEMMA else "silu")
+    if act not in ACTS:
+        raise BadInput(f"config.json {act_key}={shown(act)} is not supported ({', '.join(ACTS)})")
+    theta, scaling, local_theta, local_scaling = _rope(hf)
+    if local_scaling is not None:
+        raise BadInput(
+            f"config.json: RoPE scaling {shown(local_scaling['rope_type'])} on sliding layers is not supported"
+        )
+    if family in GEMMA and hf.get("attn_logit_softcapping") is not None:
+        # transformers' Gemma 3 never applies it: honouring it would not reproduce the model
+        raise BadInput(
+            f"config.json attn_logit_softcapping={shown(hf['attn_logit_softcapping'])} is not applied by Gemma 3"
+        )
 
     def num(key: str, kind=int, default=None, value=None):
         """hf[key] of its JSON type (an int, or for floats an int or float), never a bool, string or null."""
@@ -113,22 +241,64 @@ def teacher_config(hf: dict, max_seq_len: int) -> ModelConfig:
             raise BadInput(f"config.json {key}={shown(v)} must be {'an integer' if kind is int else 'a number'}")
         return kind(v)
 
+    def opt(key: str, kind=float):
+        return None if hf.get(key) is None else num(key, kind)
+
+    def flag(key: str) -> bool:
+        v = hf.get(key, False)
+        if not isinstance(v, bool):
+            raise BadInput(f"config.json {key}={shown(v)} must be true or false")
+        return v
+
     heads = num("num_attention_heads")
     kv = hf.get("num_key_value_heads")
+    dim, n_layers = num("hidden_size"), num("num_hidden_layers")
+    head_size = opt("head_dim", int)
+    seq = min(max_seq_len, num("max_position_embeddings", default=max_seq_len))
+    layer_types, window = _layer_types(hf, family, n_layers)
+    if layer_types is not None and window >= seq and local_theta is None:
+        layer_types, window = None, None  # every window covers the context: full attention
+    attention_bias = flag("attention_bias")
+    nope = []
+    if family == "smollm3":
+        flags = hf.get("no_rope_layers")
+        if flags is None:
+            every = num("no_rope_layer_interval", default=4)
+            flags = [int((i + 1) % every != 0) for i in range(n_layers)]
+        if not isinstance(flags, list) or len(flags) < n_layers or any(f not in (0, 1) for f in flags[:n_layers]):
+            raise BadInput(f"config.json no_rope_layers must flag each of {n_layers} layers 0 or 1, got {shown(flags)}")
+        nope = [i for i in range(n_layers) if not flags[i]]
+    qpas = opt("query_pre_attn_scalar") if family in GEMMA else None
     try:
         cfg = ModelConfig(
             vocab_size=num("vocab_size"),
-            dim=num("hidden_size"),
-            n_layers=num("num_hidden_layers"),
+            dim=dim,
+            n_layers=n_layers,
             n_heads=heads,
             n_kv_heads=heads if kv is None else num("num_key_value_heads"),
             ffn_dim=num("intermediate_size"),
-            max_seq_len=min(max_seq_len, num("max_position_embeddings", default=max_seq_len)),
+            max_seq_len=seq,
             rope_theta=theta,
             norm_eps=num("rms_norm_eps", float, 1e-6),
-            tying="tied" if hf.get("tie_word_embeddings", False) is True else "untied",
+            tying="tied" if hf.get("tie_word_embeddings", family in GEMMA) is True else "untied",
             bos_id=num("bos_token_id", value=_first(hf.get("bos_token_id"))),
             eos_id=num("eos_token_id", value=_first(hf.get("eos_token_id"))),
+            head_size=None if head_size in (None, dim // heads) and dim % heads == 0 else head_size,
+            qkv_bias=family == "qwen2" or attention_bias,
+            o_bias=attention_bias,
+            mlp_bias=flag("mlp_bias"),
+            qk_norm=family in ("qwen3", "gemma3"),
+            sandwich_norm=family in GEMMA,
+            hidden_act=ACTS[act],
+            embed_scale=float(dim) ** 0.5 if family in GEMMA else 1.0,
+            attn_scale=None if qpas is None else qpas**-0.5,
+            rope_scaling=scaling,
+            sliding_window=window,
+            layer_types=layer_types,
+            rope_local_theta=local_theta if layer_types is not None else None,
+            nope_layers=nope,
+            final_softcap=opt("final_logit_softcapping"),
+            attn_softcap=None if family in GEMMA else opt("attn_logit_softcapping"),
         )
     except (TypeError, ValueError) as e:
         raise BadInput(f"config.json: {e}") from None
@@ -136,9 +306,11 @@ def teacher_config(hf: dict, max_seq_len: int) -> ModelConfig:
         cfg.validate()
     except ValueError as e:
         raise BadInput(f"config.json: {e}") from None
-    if hf.get("head_dim") not in (None, cfg.head_dim):
-        raise BadInput(f"head_dim={shown(hf['head_dim'])} differs from hidden_size/num_attention_heads={cfg.head_dim}")
     return cfg
+
+
+def hf_family(hf: dict) -> str:
+    return FAMILIES.get(_first(hf.get("architectures") or [None]), "llama")
 
 
 PER_LAYER = {  # training-graph name -> HF name, inside layers.N
@@ -146,11 +318,18 @@ PER_LAYER = {  # training-graph name -> HF name, inside layers.N
     "attention.wk": "self_attn.k_proj",
     "attention.wv": "self_attn.v_proj",
     "attention.wo": "self_attn.o_proj",
+    "attention.q_norm": "self_attn.q_norm",
+    "attention.k_norm": "self_attn.k_norm",
     "feed_forward.w1": "mlp.gate_proj",
     "feed_forward.w3": "mlp.up_proj",
     "feed_forward.w2": "mlp.down_proj",
     "attention_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
+}
+SANDWICH = {  # Gemma 3: post_attention_layernorm is the norm after attention, the FFN has its own pre-norm
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_attention_norm": "post_attention_layernorm",
+    "post_ffn_norm": "post_feedforward_layernorm",
 }
 GLOBAL = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight"}
 HF_KEYS = {  # training-graph config field -> HF config key, for messages
@@ -159,30 +338,34 @@ HF_KEYS = {  # training-graph config field -> HF config key, for messages
     "ffn_dim": "intermediate_size",
     "n_kv_heads": "num_key_value_heads",
 }
-_HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)\.weight$")
-_OUR_LAYER = re.compile(r"^layers\.(\d+)\.(.+)\.weight$")
-_TO_OURS = {v: k for k, v in PER_LAYER.items()}
+_HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)\.(weight|bias)$")
+_OUR_LAYER = re.compile(r"^layers\.(\d+)\.(.+)\.(weight|bias)$")
 
 
-def hf_name(ours: str) -> str:
+def _per_layer(cfg: ModelConfig | None) -> dict[str, str]:
+    return {**PER_LAYER, **SANDWICH} if cfg is not None and cfg.sandwich_norm else PER_LAYER
+
+
+def hf_name(ours: str, cfg: ModelConfig | None = None) -> str:
     """Training-graph tensor name -> the HF checkpoint's."""
     if m := _OUR_LAYER.match(ours):
-        return f"model.layers.{m.group(1)}.{PER_LAYER.get(m.group(2), m.group(2))}.weight"
+        part = m.group(2)
+        return f"model.layers.{m.group(1)}.{_per_layer(cfg).get(part, part)}.{m.group(3)}"
     return {**GLOBAL, "output.weight": "lm_head.weight"}.get(ours, ours)
 
 
-def our_name(theirs: str) -> str | None:
+def our_name(theirs: str, cfg: ModelConfig | None = None) -> str | None:
     """HF tensor name -> the training graph's (None: a tensor the graph has no use for)."""
     if m := _HF_LAYER.match(theirs):
-        ours = _TO_OURS.get(m.group(2))
-        return f"layers.{m.group(1)}.{ours}.weight" if ours else f"layers.{m.group(1)}.hf:{m.group(2)}"
+        ours = {v: k for k, v in _per_layer(cfg).items()}.get(m.group(2))
+        return f"layers.{m.group(1)}.{ours or 'hf:' + m.group(2)}.{m.group(3)}"
     inv = {v: k for k, v in GLOBAL.items()} | {"lm_head.weight": "output.weight"}
     return inv.get(theirs)
 
 
 def tensor_names(cfg: ModelConfig) -> dict[str, str]:
     """Training-graph tensor name -> HF tensor name (the teacher's checkpoint state)."""
-    return {ours: hf_name(ours) for ours in expected_shapes(cfg)}
+    return {ours: hf_name(ours, cfg) for ours in expected_shapes(cfg)}
 
 
 # ---------------------------------------------------------------- reading the folder
@@ -223,11 +406,11 @@ def check_teacher_header(src: Path, cfg: ModelConfig) -> None:
     ours: checkpoint.Header = {}
     for header in _headers(src).values():
         for name, entry in header.items():
-            if (n := our_name(name)) is not None:
+            if (n := our_name(name, cfg)) is not None:
                 ours[n] = entry
     if cfg.tying == "tied":
         ours.pop("output.weight", None)  # some tied checkpoints store the head too; the graph reads the table
-    checkpoint.check_header(cfg, ours, f"{src / HF_CONFIG}", HF_KEYS, strict=False, label=hf_name)
+    checkpoint.check_header(cfg, ours, f"{src / HF_CONFIG}", HF_KEYS, strict=False, label=lambda n: hf_name(n, cfg))
 
 
 def _open(f: Path):
@@ -241,6 +424,7 @@ def read_tensors(src: Path, cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """The teacher's tensors under training-graph names, fp32, one tensor in memory at a time beyond the result.
     `cfg` comes from read_config, which checked it against the weights' headers."""
     where = _weight_files(src)
+    family = hf_family(checkpoint.read_json(src / HF_CONFIG))
     handles: dict[Path, object] = {}
     out = {}
     for ours, theirs in tensor_names(cfg).items():
@@ -250,6 +434,8 @@ def read_tensors(src: Path, cfg: ModelConfig) -> dict[str, torch.Tensor]:
         bad = (~torch.isfinite(t)).sum().item()
         if bad:
             raise BadInput(f"tensor {theirs} has {bad} non-finite values")
+        if family in GEMMA and ours.endswith("norm.weight"):
+            t = 1.0 + t  # Gemma's RMSNorm multiplies by (1 + w), in fp32 as here: the gain itself is stored
         out[ours] = t
     return out
 

@@ -30,6 +30,7 @@ class _PackageSession:
         self.package = folder / cm["package"]
         self.scheme, self.layout = meta["scheme"], meta["layout"]
         self.vocab_size, self.max_seq_len, self.mask_neg = cm["vocab_size"], cm["max_seq_len"], cm["mask_neg"]
+        self.window = cm.get("sliding_window")  # None: main has no sliding_mask input
         self.hidden_size = json.loads((folder / "config.json").read_text())["dim"]
         self.name = f"{self.runtime} ({self.scheme}, {self.layout})"
 
@@ -39,6 +40,8 @@ class _PackageSession:
         if n == 0 or start_pos < 0 or start_pos + n > self.max_seq_len:
             raise ValueError(f"positions {start_pos}..{start_pos + n} outside 1..{self.max_seq_len}")
         feeds = {"tokens": tokens[None], "causal_mask": causal_mask(start_pos, n, self.mask_neg)}
+        if self.window is not None:
+            feeds["sliding_mask"] = causal_mask(start_pos, n, self.mask_neg, self.window)
         return self._call("main", feeds, "logits")[0]
 
     def decode(self, token, pos):

@@ -102,7 +102,9 @@ def blob_storage():
     return _BlobStorageReader, _BlobStorageWriter
 
 
-def causal_mask(start: int, n: int, neg: float) -> np.ndarray:
-    """[1, 1, n, start + n] additive mask: query i (position start + i) sees keys 0..start + i."""
-    allowed = np.arange(start + n)[None, :] <= (start + np.arange(n))[:, None]
+def causal_mask(start: int, n: int, neg: float, window: int | None = None) -> np.ndarray:
+    """[1, 1, n, start + n] additive mask: query i (position start + i) sees keys 0..start + i (the last `window` of
+    them for a sliding layer)."""
+    q, k = start + np.arange(n)[:, None], np.arange(start + n)[None, :]
+    allowed = (k <= q) if window is None else (k <= q) & (k > q - window)
     return np.where(allowed, 0.0, neg).astype(np.float32)[None, None]

@@ -60,8 +60,8 @@ class StateAttention(CachedAttention):
 
     split = False  # keep an fp16 low part next to each fp16 cache (the fp32 program)
 
-    def __init__(self, cfg):
-        super().__init__(cfg)
+    def __init__(self, cfg, layer: int = 0):
+        super().__init__(cfg, layer)
         shape = self.k_cache.shape
         names = ("k_cache", "v_cache", "k_lo", "v_lo") if self.split else ("k_cache", "v_cache")
         for name in names:
@@ -91,9 +91,11 @@ class CoreMLDecoder(Decoder):
     def __init__(self, fw: FoldedWeights, fp32: bool):
         super().__init__(fw, SplitStateAttention if fp32 else StateAttention)
 
-    def forward(self, tokens: torch.Tensor, causal_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, causal_mask: torch.Tensor, sliding_mask=None) -> torch.Tensor:
+        """sliding_mask [1, 1, n, end]: the sliding layers' (an input only where the config has them)."""
         end = causal_mask.shape[-1]
-        return self.run(tokens, slice(end - tokens.shape[1], end), causal_mask)
+        pos = slice(end - tokens.shape[1], end)
+        return self.run(tokens, pos, {"full": causal_mask, "sliding": sliding_mask}, [pos] * len(self.layers))
 
     def state_names(self) -> list[str]:
         return [n for n, _ in self.named_buffers() if ".attention." in n]
@@ -114,8 +116,10 @@ def convert(dec: CoreMLDecoder, function: str, fp32: bool):
     rows = ct.RangeDim(1, cfg.vocab_size)
     if function == "main":
         tok2, mask2 = torch.zeros(1, 2, dtype=torch.int32), torch.from_numpy(causal_mask(1, 2, MASK_NEG))
+        window = cfg.sliding_window if cfg.has_sliding else None
+        masks = (mask2,) if window is None else (mask2, torch.from_numpy(causal_mask(1, 2, MASK_NEG, window)))
         with torch.no_grad():
-            traced = torch.jit.trace(dec, (tok2, mask2))
+            traced = torch.jit.trace(dec, (tok2, *masks))
         dec.reset_cache()  # tracing ran the cache writes eagerly
         states = [
             ct.StateType(ct.TensorType(shape=tuple(buf.shape), dtype=np.float16), name=name)
@@ -127,6 +131,7 @@ def convert(dec: CoreMLDecoder, function: str, fp32: bool):
             inputs=[
                 ct.TensorType(name="tokens", shape=(1, n), dtype=np.int32),
                 ct.TensorType(name="causal_mask", shape=(1, 1, n, end), dtype=np.float32),
+                *[ct.TensorType(name="sliding_mask", shape=(1, 1, n, end), dtype=np.float32)] * (window is not None),
             ],
             outputs=[ct.TensorType(name="logits", dtype=np.float32)],
             states=states,
@@ -341,6 +346,7 @@ def export(fw: FoldedWeights, scheme: Scheme, out: Path, ckpt, progress) -> dict
             "max_seq_len": cfg.max_seq_len,
             "vocab_size": cfg.vocab_size,
             "mask_neg": MASK_NEG,
+            "sliding_window": cfg.sliding_window if cfg.has_sliding else None,  # main takes a sliding_mask too
             "minimum_deployment_target": "iOS18",
             "convert_seconds": round(t1 - t0, 2),  # compression included
             "save_seconds": round(time.perf_counter() - t1, 2),

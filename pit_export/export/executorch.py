@@ -60,22 +60,24 @@ class CustomOpAttention(CachedAttention):
     cache op falls outside the kernels. Positions must be consecutive (start_pos = input_pos[0]), as the Session
     protocol's prefill/decode always give them."""
 
-    def __init__(self, cfg):
-        super().__init__(cfg)
+    def __init__(self, cfg, layer: int = 0):
+        super().__init__(cfg, layer)
         shape = (1, cfg.max_seq_len, cfg.n_kv_heads, cfg.head_dim)
         self.register_buffer("k_cache", torch.zeros(shape), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape), persistent=False)
         self.max_seq_len = cfg.max_seq_len
 
-    def forward(self, x, cos, sin, input_pos, mask):
+    def forward(self, x, ropes, masks, input_pos):
         b, s, _ = x.shape
-        q, k, v = (t.transpose(1, 2) for t in self.project(x, cos, sin))  # the kernels take [b, s, heads, hd]
+        q, k, v = (t.transpose(1, 2) for t in self.project(x, ropes))  # the kernels take [b, s, heads, hd]
         start = input_pos[0].item()
         torch._check_is_size(start)
         torch._check(start + s <= self.max_seq_len)
         torch.ops.llama.update_cache(k, self.k_cache, start)
         torch.ops.llama.update_cache(v, self.v_cache, start)
-        y = torch.ops.llama.custom_sdpa(q, self.k_cache, self.v_cache, start, None, 0.0, True)
+        # sliding layers: the window as an additive [s, max_seq_len] mask over the same cache (is_causal off)
+        mask = torch.where(masks["sliding"], 0.0, float("-inf")) if self.sliding else None
+        y = torch.ops.llama.custom_sdpa(q, self.k_cache, self.v_cache, start, mask, 0.0, mask is None, self.scale)
         return self.wo(y.reshape(b, s, -1))
 
 
@@ -88,7 +90,8 @@ class EtDecoder(Decoder):
 
     def __init__(self, fw: FoldedWeights):
         load_custom_ops()
-        super().__init__(fw, CustomOpAttention)
+        # custom_sdpa has no score soft-capping: such models keep the portable attention (index_copy_ cache + SDPA)
+        super().__init__(fw, CachedAttention if fw.cfg.attn_softcap is not None else CustomOpAttention)
         if self.layout != "untied":
             self.head_out = nn.Linear(self.cfg.dim, self.cfg.vocab_size, bias=False, device="meta")
             self.head_out.weight = self.table.weight

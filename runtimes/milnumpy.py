@@ -325,6 +325,17 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None):
     return softmax(scores, -1) @ _f32(value)
 
 
+def gelu(x, mode="EXACT"):
+    x = _f32(x)
+    if mode == "TANH_APPROXIMATION":
+        return np.float32(0.5) * x * (1 + np.tanh(np.float32(np.sqrt(2 / np.pi)) * (x + np.float32(0.044715) * x**3)))
+    if mode == "EXACT":
+        from math import erf
+
+        return (0.5 * x * (1 + np.vectorize(erf)(x / np.sqrt(2)))).astype(np.float32)
+    raise MilError(f"gelu mode {mode} is not implemented")
+
+
 def blockwise_shift_scale(data, scale, offset=None):
     """constexpr_blockwise_shift_scale: scale * (data - offset), scale/offset repeated over blocks of data."""
 
@@ -394,6 +405,8 @@ KERNELS = {
     "exp": lambda x: np.exp(_f32(x)),
     "sigmoid": lambda x: 1.0 / (1.0 + np.exp(-_f32(x))),
     "silu": lambda x: _f32(x) / (1.0 + np.exp(-_f32(x))),
+    "tanh": lambda x: np.tanh(_f32(x)),
+    "gelu": gelu,
     "softmax": softmax,
     "linear": linear,
     "matmul": matmul,

@@ -67,6 +67,7 @@ NEUTRAL = {
     "cross_attention_layers": (None, []),
     "attention_chunk_size": (None,),
 }
+MAX_LAYERS = 1 << 16  # bound before per-layer lists are built; the weights' header then gives the true count
 ACTS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh"}
 
 
@@ -155,10 +156,17 @@ def _rope(hf: dict) -> tuple[float, dict | None, float | None, dict | None]:
         full, local = _obj(params, "full_attention"), params.get("sliding_attention")
     else:
         full, local = params, None
+    v5 = _scaling(full, "rope_parameters") if full else None
     legacy = _obj(hf, "rope_scaling")
-    theta, scaling = _scaling({**legacy, **full}, "rope_parameters" if full else "rope_scaling")
-    if theta is None:
-        theta = _positive("rope_theta", hf.get("rope_theta", 10000.0))
+    v4 = _scaling(legacy, "rope_scaling") if legacy else None
+    if v5 is not None and v4 is not None and v5[1] != v4[1]:
+        raise BadInput("config.json rope_scaling and rope_parameters disagree: remove one of them")
+    top = None if hf.get("rope_theta") is None else _positive("rope_theta", hf["rope_theta"])
+    theta = v5[0] if v5 is not None and v5[0] is not None else top
+    if top is not None and theta != top:
+        raise BadInput(f"config.json rope_theta={shown(top)} disagrees with rope_parameters.rope_theta={theta}")
+    theta = 10000.0 if theta is None else theta
+    scaling = (v5 or v4 or (None, None))[1]
     local_theta, local_scaling = None, None
     if local is not None:
         local_theta, local_scaling = _scaling(_obj(params, "sliding_attention"), "rope_parameters.sliding_attention")
@@ -173,6 +181,12 @@ def _layer_types(hf: dict, family: str, n_layers: int) -> tuple[list | None, int
     if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window <= 0):
         raise BadInput(f"config.json sliding_window={shown(window)} must be a positive integer or null")
     types = hf.get("layer_types")
+    if types is None and window is None:
+        return None, None
+    if family in ("qwen2", "qwen3", "smollm3") and not hf.get("use_sliding_window", False):
+        return None, None  # the window is declared but switched off
+    if n_layers > MAX_LAYERS:  # before any per-layer list is built from it
+        raise BadInput(f"config.json num_hidden_layers={n_layers} is beyond {MAX_LAYERS:,}")
     if types is not None:
         if not isinstance(types, list) or len(types) != n_layers:
             raise BadInput(f"config.json layer_types must list {n_layers} layer types, got {shown(types)}")
@@ -193,8 +207,6 @@ def _layer_types(hf: dict, family: str, n_layers: int) -> tuple[list | None, int
         kinds = ["sliding" if i >= start else "full" for i in range(n_layers)]
     else:
         kinds = ["full"] * n_layers
-    if family in ("qwen2", "qwen3", "smollm3") and not hf.get("use_sliding_window", False):
-        kinds = ["full"] * n_layers  # the window is declared but switched off
     if "sliding" in kinds and window is None:
         raise BadInput("config.json layer_types has sliding layers but sliding_window is null")
     if "sliding" not in kinds:
@@ -254,6 +266,8 @@ def teacher_config(hf: dict, max_seq_len: int) -> ModelConfig:
     kv = hf.get("num_key_value_heads")
     dim, n_layers = num("hidden_size"), num("num_hidden_layers")
     head_size = opt("head_dim", int)
+    if head_size is not None and not 0 < head_size <= 1 << 16:
+        raise BadInput(f"config.json head_dim={shown(head_size)} must be within 1..65,536")
     seq = min(max_seq_len, num("max_position_embeddings", default=max_seq_len))
     layer_types, window = _layer_types(hf, family, n_layers)
     if layer_types is not None and window >= seq and local_theta is None:
@@ -262,6 +276,8 @@ def teacher_config(hf: dict, max_seq_len: int) -> ModelConfig:
     nope = []
     if family == "smollm3":
         flags = hf.get("no_rope_layers")
+        if n_layers > MAX_LAYERS:
+            raise BadInput(f"config.json num_hidden_layers={n_layers} is beyond {MAX_LAYERS:,}")
         if flags is None:
             every = num("no_rope_layer_interval", default=4)
             flags = [int((i + 1) % every != 0) for i in range(n_layers)]

@@ -72,13 +72,20 @@ def family_configs() -> dict:
     non-trivial values (head_dim != hidden/heads, a sliding window shorter than the prompt, RoPE scaling, NoPE)."""
     from transformers import Gemma3TextConfig, LlamaConfig, Qwen2Config, Qwen3Config, SmolLM3Config
 
-    llama3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-              "original_max_position_embeddings": 16, "rope_theta": 500000.0}
+    llama3 = {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16,
+        "rope_theta": 500000.0,
+    }
     return {
         "llama3": LlamaConfig(**FAMILY_BASE, head_dim=24, rope_parameters=llama3),
         "qwen2": Qwen2Config(**FAMILY_BASE, rope_parameters={"rope_type": "default", "rope_theta": 1e6}),
-        "qwen3": Qwen3Config(**FAMILY_BASE, head_dim=24, rope_parameters={"rope_type": "linear", "factor": 2.0,
-                                                                          "rope_theta": 1e6}),
+        "qwen3": Qwen3Config(
+            **FAMILY_BASE, head_dim=24, rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6}
+        ),
         "gemma3": Gemma3TextConfig(
             **{**FAMILY_BASE, "bos_token_id": 2, "pad_token_id": 0},
             head_dim=24,
@@ -91,8 +98,12 @@ def family_configs() -> dict:
             },
             final_logit_softcapping=0.5,
         ),
-        "smollm3": SmolLM3Config(**FAMILY_BASE, pad_token_id=0, no_rope_layers=[1, 1, 1, 0],
-                                 rope_parameters={"rope_type": "default", "rope_theta": 2e6}),
+        "smollm3": SmolLM3Config(
+            **FAMILY_BASE,
+            pad_token_id=0,
+            no_rope_layers=[1, 1, 1, 0],
+            rope_parameters={"rope_type": "default", "rope_theta": 2e6},
+        ),
     }
 
 
@@ -100,9 +111,8 @@ def family_model(name: str, seed: int = 0):
     """The family's CausalLM, random init, with an orthonormal token table (so PIT with T = I is exact), non-zero
     biases and norm weights away from their init."""
     import torch
-    from transformers import AutoModelForCausalLM
-
     from pit_export.models.pit import random_orthonormal
+    from transformers import AutoModelForCausalLM
 
     cfg = family_configs()[name]
     torch.manual_seed(seed)

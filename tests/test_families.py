@@ -16,11 +16,11 @@ import sys
 import numpy as np
 import pytest
 import torch
+from pit_export.models.checkpoint import load_checkpoint
+from pit_export.models.pit import Transformer
 
 from pit_export.fold import fold, gamma
 from pit_export.hf_import import import_hf, read_config, read_tensors
-from pit_export.models.checkpoint import load_checkpoint
-from pit_export.models.pit import Transformer
 
 from .conftest import DEFAULT_MODEL
 from .hf_models import WINDOW, family_configs, save_family
@@ -145,8 +145,9 @@ def _targets(fast: str) -> list:
 def test_target_matches_transformers(name, target, family, tmp_path):
     """The fp32 artifact through its own runtime (ExecuTorch/XNNPACK, ONNX Runtime, the MIL program), prefill and
     decode; the onnx-cpu folder also through onnxruntime-genai, whose greedy tokens must be transformers'."""
-    from pit_export.export import export_artifact
     from pit_export.runtimes import open_session
+
+    from pit_export.export import export_artifact
 
     hf, _, pit = family(name)
     seq, want = reference(hf)

@@ -253,7 +253,7 @@ HF_CASES = [
     ("num_hidden_layers 0", {"num_hidden_layers": 0}, ["n_layers"]),
     ("num_hidden_layers string", {"num_hidden_layers": "2"}, ["num_hidden_layers", "integer"]),
     ("num_hidden_layers missing", {"num_hidden_layers": ...}, ["num_hidden_layers"]),
-    ("hidden_size 1e6", {"hidden_size": 1_000_000}, ["head_dim=16", "250000"]),  # the config contradicts itself
+    ("hidden_size 1e6", {"hidden_size": 1_000_000}, ["hidden_size=1000000", "[4096, 64]"]),
     (
         "hidden_size 1e6, no head_dim",
         {"hidden_size": 1_000_000, "head_dim": ...},
@@ -262,7 +262,7 @@ HF_CASES = [
     ("vocab_size 1e9", {"vocab_size": 10**9}, ["vocab_size=1000000000", "[4096, 64]"]),
     ("intermediate_size 1e9", {"intermediate_size": 10**9}, ["intermediate_size=1000000000", "[128, 64]"]),
     ("num_key_value_heads 4", {"num_key_value_heads": 4}, ["num_key_value_heads=4", "[32, 64]"]),
-    ("num_attention_heads 1e6", {"num_attention_heads": 10**6}, ["n_heads"]),
+    ("num_attention_heads 1e6", {"num_attention_heads": 10**6}, ["q_proj", "[16000000, 64]"]),
     ("max_position_embeddings 1e12", {"max_position_embeddings": 10**12}, None),  # capped by --max-seq-len: valid
     ("rope_theta string", {"rope_theta": "abc"}, ["rope_theta"]),
     ("rope_scaling a list", {"rope_scaling": [1, 2]}, ["rope_scaling"]),
@@ -271,6 +271,22 @@ HF_CASES = [
     ("head_dim 1e9", {"head_dim": 10**9}, ["head_dim"]),
     ("bos list empty", {"bos_token_id": []}, ["bos_token_id"]),
     ("sliding_window string", {"sliding_window": "4096"}, ["sliding_window"]),
+    # what a family's config asks for and the graph does not implement: refused by the key's name
+    ("rope yarn", {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}}, ["'yarn'"]),
+    ("rope dynamic (v4)", {"rope_scaling": {"type": "dynamic", "factor": 2.0}}, ["'dynamic'"]),
+    ("rope llama3 incomplete", {"rope_parameters": {"rope_type": "llama3", "factor": 8.0}}, ["low_freq_factor"]),
+    (
+        "rope linear + attention_factor",
+        {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "attention_factor": 0.5}},
+        ["attention_factor"],
+    ),
+    ("partial_rotary_factor", {"partial_rotary_factor": 0.5}, ["partial_rotary_factor"]),
+    ("layer_types chunked", {"layer_types": ["chunked_attention", "full_attention"]}, ["chunked_attention"]),
+    ("layer_types no window", {"layer_types": ["sliding_attention"] * 2, "sliding_window": None}, ["sliding_window"]),
+    ("bidirectional", {"use_bidirectional_attention": True}, ["use_bidirectional_attention"]),
+    ("experts", {"num_local_experts": 8}, ["num_local_experts"]),
+    ("hidden_act gelu", {"hidden_act": "gelu"}, ["hidden_act", "'gelu'"]),
+    ("architecture Gemma2", {"architectures": ["Gemma2ForCausalLM"]}, ["Gemma2ForCausalLM"]),
 ]
 
 

@@ -63,6 +63,33 @@ def encode_docs(tok: Tokenizer, docs: list[str], bos: int, eos: int) -> torch.Te
     return torch.tensor(ids, dtype=torch.long)
 
 
+MAX_TEXT_BYTES = 256 << 20
+
+
+def text_windows(tok: Tokenizer, cfg: ModelConfig, path, n_windows: int, seq_len: int | None = None) -> torch.Tensor:
+    """A user's plain-text file (UTF-8, <= 256 MiB) as windows [n, seq_len], tokenized with the model's tokenizer as
+    one document; ValueError when it gives fewer than n_windows windows."""
+    from pathlib import Path
+
+    path, seq_len = Path(path), seq_len or cfg.max_seq_len
+    if not path.is_file():
+        raise ValueError(f"--eval-text {path}: no such file")
+    if path.stat().st_size > MAX_TEXT_BYTES:
+        raise ValueError(f"--eval-text {path}: {path.stat().st_size:,} bytes, beyond {MAX_TEXT_BYTES:,}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--eval-text {path}: not UTF-8 text (byte {e.start})") from None
+    stream = encode_docs(tok, [text], cfg.bos_id, cfg.eos_id)
+    n = len(stream) // seq_len
+    if n < max(1, n_windows):
+        raise ValueError(
+            f"--eval-text {path}: {len(stream):,} tokens give {n} window(s) of {seq_len}; {n_windows} requested "
+            "(a longer text, or fewer --n-windows)"
+        )
+    return stream[: n * seq_len].view(n, seq_len)
+
+
 def heldout_windows(tok: Tokenizer, cfg: ModelConfig, seq_len: int | None = None) -> torch.Tensor:
     """Non-overlapping held-out windows [n, seq_len]; the evaluation set for perplexity and parity."""
     seq_len = seq_len or cfg.max_seq_len

@@ -40,6 +40,7 @@ from pit_export.models.pit import (
     expected_shapes,
     shown,
 )
+from pit_export.validate import text_source
 
 INITS = ("identity", "input", "output")
 # The families, by architecture: what each one's block is, as training-graph config fields. Config keys then refine
@@ -53,6 +54,14 @@ FAMILIES = {
     "Gemma3ForCausalLM": "gemma3",
 }
 ARCHITECTURES = tuple(FAMILIES)
+MODEL_TYPES = {  # config.json model_type -> architecture, for folders without an architectures list
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "smollm3": "SmolLM3ForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM",
+}
 GEMMA = ("gemma3",)  # (1 + w) norm gains, stored as the multiplier itself
 HF_CONFIG, HF_INDEX = "config.json", "model.safetensors.index.json"
 POS_CHUNK = 8  # positions per float64 log-softmax: small, equal-sized temporaries the allocator reuses
@@ -79,12 +88,13 @@ class ImportReport:
     cond_T: float
     cond_table: float  # cond(A) of the polar-decomposed table
     ortho_err_max: float
-    kl_mean: float  # KL(teacher || PIT) per position on held-out text, nats
-    kl_p99: float
-    top1: float
-    ppl_teacher: float
+    kl_mean: float | None  # KL(teacher || PIT) per position on held-out text, nats (None: Z and L were kept)
+    kl_p99: float | None
+    top1: float | None
+    ppl_teacher: float | None
     ppl_pit: float
     positions: int
+    eval_text: str = "held-out split"  # the text perplexity and KL were measured on (a file: its path and sha256)
 
 
 # ---------------------------------------------------------------- config
@@ -219,8 +229,11 @@ def teacher_config(hf: dict, max_seq_len: int) -> ModelConfig:
     arch = _first(hf.get("architectures") or [None])
     if not isinstance(arch, (str, type(None))):
         raise BadInput(f"config.json architectures={shown(hf.get('architectures'))} must name a model class")
+    if arch is None:  # no architectures list: the model_type says the family
+        arch = MODEL_TYPES.get(hf.get("model_type")) if isinstance(hf.get("model_type"), str) else None
     if arch not in FAMILIES:
-        raise BadInput(f"unsupported architecture {shown(arch)} (supported: {', '.join(ARCHITECTURES)})")
+        shownarch = shown(arch if arch is not None else hf.get("model_type"))
+        raise BadInput(f"unsupported architecture {shownarch} (supported: {', '.join(ARCHITECTURES)})")
     family = FAMILIES[arch]
     for key, neutral in NEUTRAL.items():
         if (
@@ -326,7 +339,8 @@ def teacher_config(hf: dict, max_seq_len: int) -> ModelConfig:
 
 
 def hf_family(hf: dict) -> str:
-    return FAMILIES.get(_first(hf.get("architectures") or [None]), "llama")
+    arch = _first(hf.get("architectures") or [None]) or MODEL_TYPES.get(hf.get("model_type"))
+    return FAMILIES.get(arch, "llama")
 
 
 PER_LAYER = {  # training-graph name -> HF name, inside layers.N
@@ -417,13 +431,16 @@ def _headers(src: Path) -> dict[Path, checkpoint.Header]:
     return out
 
 
-def check_teacher_header(src: Path, cfg: ModelConfig) -> None:
-    """The HF config against its weights' headers (names, shapes, dtypes), before any tensor is read."""
+def check_teacher_header(src: Path, cfg: ModelConfig, roles: dict[str, str] | None = None) -> None:
+    """The HF config against its weights' headers (names, shapes, dtypes), before any tensor is read. `roles`: the
+    PIT tensors of a PIT model in HF layout (pit_tensors)."""
     ours: checkpoint.Header = {}
     for header in _headers(src).values():
         for name, entry in header.items():
             if (n := our_name(name, cfg)) is not None:
                 ours[n] = entry
+            if roles and name in (roles["z"], roles.get("l"), roles.get("l_strict")):
+                ours["pit.z" if name == roles["z"] else "pit.l"] = entry
     if cfg.tying == "tied":
         ours.pop("output.weight", None)  # some tied checkpoints store the head too; the graph reads the table
     checkpoint.check_header(cfg, ours, f"{src / HF_CONFIG}", HF_KEYS, strict=False, label=lambda n: hf_name(n, cfg))
@@ -438,12 +455,15 @@ def _open(f: Path):
 
 def read_tensors(src: Path, cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """The teacher's tensors under training-graph names, fp32, one tensor in memory at a time beyond the result.
-    `cfg` comes from read_config, which checked it against the weights' headers."""
+    `cfg` comes from read_config, which checked it against the weights' headers. A PIT config reads the body only
+    (Z and L: read_pit)."""
     where = _weight_files(src)
     family = hf_family(checkpoint.read_json(src / HF_CONFIG))
     handles: dict[Path, object] = {}
     out = {}
     for ours, theirs in tensor_names(cfg).items():
+        if ours.startswith("pit."):
+            continue
         f = where[theirs]
         h = handles.get(f) or handles.setdefault(f, _open(f))
         t = h.get_tensor(theirs).float()
@@ -456,6 +476,70 @@ def read_tensors(src: Path, cfg: ModelConfig) -> dict[str, torch.Tensor]:
     return out
 
 
+# ---------------------------------------------------------------- a PIT model in HF layout (Z and L kept)
+
+PIT_ROLES = {  # role -> the names a folder's tensor is found by (flags name any other)
+    "z": ("pit.z", "model.pit.z"),
+    "l": ("pit.l", "model.pit.l"),
+    "l_strict": ("pit.l_strict", "model.pit.l_strict"),
+    "l_log_diag": ("pit.l_log_diag", "model.pit.l_log_diag"),
+}
+
+
+def pit_tensors(src: Path, names: dict[str, str] | None = None) -> dict[str, str] | None:
+    """The folder's PIT tensors by role (z, and l or l_strict + l_log_diag): the names given (flags), else found by
+    their usual names. None: no PIT tensor, a tied or untied teacher."""
+    have = set(_weight_files(src))
+    names = {k: v for k, v in (names or {}).items() if v}
+    for role, name in names.items():
+        if name not in have:
+            raise BadInput(f"{src}: no tensor {shown(name)} (--pit-{role.replace('_', '-')})")
+    roles = names or {r: n for r, cands in PIT_ROLES.items() if (n := next((c for c in cands if c in have), None))}
+    if not roles:
+        return None
+    if "l" in roles and ({"l_strict", "l_log_diag"} & set(roles)):
+        raise BadInput(f"{src}: L is given twice (pit.l and pit.l_strict/l_log_diag): name one with --pit-l")
+    if "z" not in roles or not ("l" in roles or {"l_strict", "l_log_diag"} <= set(roles)):
+        raise BadInput(
+            f"{src}: PIT tensors incomplete ({', '.join(sorted(roles.values()))}): need Z and L "
+            "(pit.l, or pit.l_strict + pit.l_log_diag)"
+        )
+    return roles
+
+
+def check_pit_header(src: Path, cfg: ModelConfig, roles: dict[str, str]) -> None:
+    """Shapes of Z and L (either convention) against the config, from the headers."""
+    entries = {name: entry for header in _headers(src).values() for name, entry in header.items()}
+    d, V = cfg.dim, cfg.vocab_size
+    want = {"z": (V, d), "l": (d, d), "l_strict": (d, d), "l_log_diag": (d,)}
+    for role, name in roles.items():
+        dtype, shape = entries[name]
+        if tuple(shape) != want[role]:
+            raise BadInput(f"tensor {name} has shape {list(shape)}, config.json implies {list(want[role])}")
+        if dtype not in ("F32", "F16", "BF16", "F64"):
+            raise BadInput(f"tensor {name} has dtype {dtype}, expected a float dtype")
+
+
+def read_pit(src: Path, roles: dict[str, str]) -> dict[str, torch.Tensor]:
+    """pit.z and pit.l (the factor) from the folder, in fp32; L assembled from strict-lower + log-diagonal if so
+    given. The invariants are checked by the caller (checkpoint.check_tensors)."""
+    where = _weight_files(src)
+
+    def get(name):
+        return _open(where[name]).get_tensor(name).float()
+
+    z = get(roles["z"])
+    if "l" in roles:
+        l = get(roles["l"])
+    else:
+        strict, log_diag = get(roles["l_strict"]), get(roles["l_log_diag"])
+        stray = torch.triu(strict).abs().max().item()
+        if stray > 0:
+            raise BadInput(f"tensor {roles['l_strict']} has entries on or above the diagonal (max {stray:.3g})")
+        l = torch.tril(strict, -1) + torch.diag(log_diag.double().exp().float())
+    return {"pit.z": z, "pit.l": l}
+
+
 def read_tokenizer(src: Path, cfg: ModelConfig) -> Tokenizer:
     try:
         return checkpoint.read_tokenizer(src, cfg.vocab_size)
@@ -463,7 +547,9 @@ def read_tokenizer(src: Path, cfg: ModelConfig) -> Tokenizer:
         raise BadInput(str(e)) from None
 
 
-def read_config(src: Path, max_seq_len: int) -> ModelConfig:
+def read_config(src: Path, max_seq_len: int, pit_names: dict | bool | None = False) -> ModelConfig:
+    """The training-graph config of an HF folder, checked against its weights' headers. pit_names: False, a teacher
+    (tied or untied) whatever the folder holds; None or names: a PIT model in HF layout where Z and L are there."""
     if not src.is_dir():
         raise BadInput(f"{src}: not a folder")
     if not (src / HF_CONFIG).is_file():
@@ -472,7 +558,11 @@ def read_config(src: Path, max_seq_len: int) -> ModelConfig:
     if not isinstance(hf, dict):
         raise BadInput(f"{src / HF_CONFIG}: expected a JSON object, got {type(hf).__name__}")
     cfg = teacher_config(hf, max_seq_len)
-    check_teacher_header(src, cfg)  # before anything is sized from it
+    roles = pit_tensors(src, pit_names) if pit_names is not False else None
+    if roles is not None:  # a PIT model in HF layout: Z and L instead of a table
+        cfg = pit_config(cfg)
+        check_pit_header(src, cfg, roles)
+    check_teacher_header(src, cfg, roles)  # before anything is sized from it
     return cfg
 
 
@@ -579,10 +669,19 @@ def import_hf(
     n_windows: int = 4,
     progress=print,
     force: bool = False,
+    eval_text: Path | None = None,
+    pit_names: dict[str, str | None] | None = None,
 ) -> ImportReport:
+    """A tied or untied teacher as PIT (polar decomposition, --init), with KL(teacher || PIT) on the evaluation text;
+    or, where the folder holds Z and L (pit_tensors), that PIT model itself, checked and kept."""
     src = Path(src)
-    cfg = read_config(src, max_seq_len)
+    cfg = read_config(src, max_seq_len, pit_names or None)
+    roles = pit_tensors(src, pit_names) if cfg.tying == "pit" else None
     tok = read_tokenizer(src, cfg)
+    windows = eval_windows(tok, cfg, n_windows, eval_text)  # before the weights: a short text fails now
+    text = "held-out split" if eval_text is None else f"{eval_text} (sha256 {text_source(str(eval_text))['sha256']})"
+    if roles is not None:
+        return _import_pit(src, out, cfg, roles, tok, windows, text, progress, force)
     progress(f"reading {cfg.tying} teacher: {cfg.n_layers} layers, {cfg.vocab_size} x {cfg.dim}")
     tensors = read_tensors(src, cfg)
     progress(f"polar decomposition ({init})")
@@ -595,9 +694,47 @@ def import_hf(
     from pit_export.models.checkpoint import orthonormality_error
 
     ortho = orthonormality_error(pit.pit.z)
-    progress("teacher vs PIT on held-out text")
-    cmp = compare(teacher, pit, heldout(tok, cfg, n_windows))
-    report = ImportReport(str(src), init, cfg.tying, ortho_err_max=ortho, **stats, **cmp)
+    progress("teacher vs PIT on " + ("held-out text" if eval_text is None else str(eval_text)))
+    cmp = compare(teacher, pit, windows)
+    report = ImportReport(str(src), init, cfg.tying, ortho_err_max=ortho, **stats, **cmp, eval_text=text)
     del teacher
     save_checkpoint(out, pit, tok, {"import_report.json": json.dumps(asdict(report), indent=2)}, force=force)
     return report
+
+
+def _import_pit(src, out, teacher_cfg, roles, tok, windows, text, progress, force) -> ImportReport:
+    """A PIT model trained elsewhere, in HF layout: body as any family's, Z and L as stored (either convention),
+    its invariants checked (Z^T Z = I, L lower-triangular with a positive diagonal, cond(T)); nothing re-initialised."""
+    cfg = teacher_cfg
+    progress(f"reading PIT model: {cfg.n_layers} layers, Z {cfg.vocab_size} x {cfg.dim} ({', '.join(roles.values())})")
+    state = read_tensors(src, cfg) | read_pit(src, roles)
+    try:
+        ortho = checkpoint.check_tensors(cfg, state)
+    except CheckpointError as e:
+        raise BadInput(f"{src}: {e}") from None
+    L = state["pit.l"].double()
+    ev = torch.linalg.eigvalsh(L @ L.T)
+    pit = Transformer.from_checkpoint_state(cfg, state)
+    del state
+    progress("held-out perplexity" if text == "held-out split" else f"perplexity on {text}")
+    ppl = compare(pit, pit, windows)
+    report = ImportReport(
+        str(src), "kept", "pit", (ev.max() / ev.min()).item(), 1.0, ortho, None, None, None, None,
+        ppl["ppl_pit"], ppl["positions"], text,
+    )  # fmt: skip
+    save_checkpoint(out, pit, tok, {"import_report.json": json.dumps(asdict(report), indent=2)}, force=force)
+    return report
+
+
+def eval_windows(tok: Tokenizer, cfg: ModelConfig, n_windows: int, text: Path | None) -> torch.Tensor:
+    """n_windows windows of the evaluation text: the held-out split (spread over it) or the user's file."""
+    if text is None:
+        return heldout(tok, cfg, n_windows)
+    from pit_export.models.train import text_windows
+
+    try:
+        w = text_windows(tok, cfg, text, n_windows)
+    except ValueError as e:
+        raise BadInput(str(e)) from None
+    pick = torch.linspace(0, len(w) - 1, min(n_windows, len(w))).round().long()
+    return w[pick]

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from pit_export.export import file_manifest, tool_versions
-from pit_export.validate import ABS_BINS, GateResult
+from pit_export.validate import ABS_BINS, GateResult, text_source
 
 PLOTS = {
     "kl_per_position": "plots/kl_per_position.png",
@@ -127,6 +127,7 @@ def report_json(result, manifest: dict) -> dict:
             "config": ck.config.__dict__,
         },
         "tools": manifest["tools"],
+        "eval_text": manifest["eval_text"],
         "artifacts": [_artifact_json(a) for a in result.artifacts],
         "baseline": [_artifact_json(a) for a in result.baseline],
         "plots": PLOTS,
@@ -246,8 +247,10 @@ def report_md(result, rep: dict) -> str:
         f" (sha256 `{rep['checkpoint']['sha256'][:16]}…`),"
         f" {cfg.tying}, V={cfg.vocab_size}, d={cfg.dim}, {cfg.n_layers} layers, context {cfg.max_seq_len}.",
         "",
-        "Every artifact was run through its own runtime and compared with the training graph on held-out text "
-        f"({result.options.n_windows} windows of {cfg.max_seq_len} tokens, {result.options.n_greedy} greedy tokens).",
+        "Every artifact was run through its own runtime and compared with the training graph on "
+        + _text_line(rep["eval_text"])
+        + f" ({result.options.n_windows} windows of {cfg.max_seq_len} tokens,"
+        f" {result.options.n_greedy} greedy tokens).",
         "",
         "## Artifacts",
         "",
@@ -304,6 +307,12 @@ def report_md(result, rep: dict) -> str:
     return "\n".join(lines)
 
 
+def _text_line(text: dict) -> str:
+    if text["sha256"] is None:
+        return "the shipped held-out text"
+    return f"`{text['source']}` (sha256 `{text['sha256'][:16]}…`)"
+
+
 def manifest(result) -> dict:
     """The run's manifest.json: what went in, what came out, which gates held."""
     ck = result.checkpoint
@@ -319,6 +328,7 @@ def manifest(result) -> dict:
             "config": ck.config.__dict__,
         },
         "baseline_checkpoint": str(result.options.baseline.path) if result.options.baseline else None,
+        "eval_text": text_source(result.options.eval_text),  # what perplexity and KL were measured on
         "tools": tool_versions(),
         "artifacts": [entry(a) for a in result.artifacts],
         "baseline": [entry(a) for a in result.baseline],

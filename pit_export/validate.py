@@ -52,6 +52,7 @@ class ValidateConfig:
     n_greedy: int = 64
     prompt_len: int = 32
     round_trip_chunk: int = 128  # tokens per round-trip call: its [chunk, V] float64 pair is 100 MB at V = 49152
+    eval_text: str | None = None  # a plain-text file scored instead of the shipped held-out split
 
 
 @dataclass
@@ -324,12 +325,33 @@ def validate(
     return ValidationResult(art.name, scheme, metrics, check_gates(metrics, scheme, gates), details)
 
 
-def heldout(ckpt) -> np.ndarray:
-    """The held-out split as windows; validate() scores n_windows of them spread over it (eval_windows), the same
-    ones for `pit-export validate`, `export` and the benchmarks."""
-    from pit_export.models.train import heldout_windows
+def heldout(ckpt, text: str | None = None, n_windows: int = 1) -> np.ndarray:
+    """The evaluation text as windows: the shipped held-out split, or the user's text file (`--eval-text`, tokenized
+    with the model's tokenizer; BadInput when too short for n_windows). validate() scores n_windows of them spread
+    over it (eval_windows), the same ones for `pit-export validate`, `export` and the benchmarks."""
+    from pit_export.models.train import heldout_windows, text_windows
 
-    return np.asarray(heldout_windows(ckpt.tokenizer, ckpt.config))
+    if text is None:
+        return np.asarray(heldout_windows(ckpt.tokenizer, ckpt.config))
+    try:
+        return np.asarray(text_windows(ckpt.tokenizer, ckpt.config, text, n_windows))
+    except ValueError as e:
+        from pit_export.errors import BadInput
+
+        raise BadInput(str(e)) from None
+
+
+def text_source(text: str | None) -> dict:
+    """What the report and manifest say about the evaluation text: the shipped split, or the file and its sha256."""
+    if text is None:
+        return {"source": "held-out split (shipped)", "sha256": None}
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(text, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return {"source": str(text), "sha256": h.hexdigest()}
 
 
 class Validator:
@@ -347,7 +369,8 @@ class Validator:
             from pit_export.runtimes.pytorch import ReferenceSession
 
             session = ReferenceSession(self.ckpt.model, self.threads)
-            self._ref = Reference(session, heldout(self.ckpt), self.cfg, self.ckpt.config.max_seq_len)
+            windows = heldout(self.ckpt, self.cfg.eval_text, self.cfg.n_windows)
+            self._ref = Reference(session, windows, self.cfg, self.ckpt.config.max_seq_len)
         return self._ref
 
     def check(

@@ -191,3 +191,153 @@ def test_family_exports_every_target(name, family, tmp_path):
         logits = s.prefill(np.arange(PROMPT), 0)
         assert logits.shape == (PROMPT, 4096) and np.isfinite(logits).all()
         s.close()
+
+
+# ---------------------------------------------------------------- a PIT model trained elsewhere, in HF layout
+
+
+def run_cli(capsys, argv) -> tuple[int, str, str]:
+    """main() in-process; (exit code, stdout, stderr)."""
+    from pit_export.cli import main
+
+    old, sys.argv = sys.argv, ["pit-export", *map(str, argv)]
+    try:
+        with pytest.raises(SystemExit) as e:
+            main()
+    finally:
+        sys.argv = old
+    captured = capsys.readouterr()
+    return e.value.code, captured.out, captured.err
+
+
+def save_pit_hf(dest, model, convention: str, z=None, l=None):
+    """A PIT training-graph model as an HF Llama folder holding Z and L (as `pit.l`, or as `pit.l_strict` +
+    `pit.l_log_diag`): what a PIT model trained with another codebase looks like."""
+    from safetensors.torch import save_file
+
+    from pit_export.hf_import import hf_name
+
+    from .hf_models import llama_config
+
+    cfg = model.cfg
+    dest.mkdir(parents=True)
+    sd = {hf_name(k, cfg): v.contiguous() for k, v in model.state_dict().items() if not k.startswith("pit.")}
+    Z = model.pit.z if z is None else z
+    L = model.pit.cholesky_factor() if l is None else l
+    sd["model.pit.z"] = Z.contiguous()
+    if convention == "factor":
+        sd["model.pit.l"] = L.contiguous()
+    else:
+        sd["model.pit.l_strict"] = torch.tril(L, -1).contiguous()
+        sd["model.pit.l_log_diag"] = torch.diagonal(L).log().contiguous()
+    save_file(sd, dest / "model.safetensors")
+    llama_config(cfg).to_json_file(dest / "config.json")
+    (dest / "tokenizer.json").write_bytes(TOKENIZER.read_bytes())
+    return dest
+
+
+@pytest.fixture(scope="module")
+def pit_model(pit_ckpt):
+    """The shipped trained PIT model (cond(T) well above 1): validation gates are meaningful on it."""
+    return pit_ckpt.model
+
+
+@pytest.mark.parametrize("convention", ["factor", "strict+log-diag"])
+def test_pit_in_hf_layout_is_kept(convention, pit_model, tmp_path, capsys):
+    """Z and L are taken as stored (no polar re-initialisation): the imported checkpoint's logits are the model's."""
+    src = save_pit_hf(tmp_path / "src", pit_model, convention)
+    code, out, err = run_cli(capsys, ["import-hf", src, "--out", tmp_path / "out", "--max-seq-len", "256", "--json"])
+    assert code == 0, err
+    rep = json.loads(out)
+    assert rep["init"] == "kept" and rep["kl_mean"] is None
+    c = load_checkpoint(tmp_path / "out")
+    assert torch.equal(c.model.pit.z, pit_model.pit.z)
+    assert torch.allclose(c.model.pit.cholesky_factor(), pit_model.pit.cholesky_factor(), rtol=2**-23, atol=0)
+    x = torch.randint(0, 4096, (1, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = c.model(x), pit_model(x)
+    assert (a - b).abs().max().item() <= 4 * gamma(c.config.dim) * b.abs().max().item()
+    argv = ["validate", tmp_path / "out", "--n-windows", "1", "--n-greedy", "8", "--layout", "untied"]
+    code, _, err = run_cli(capsys, argv)
+    assert code == 0, err
+
+
+@pytest.mark.parametrize(
+    "damage, says",
+    [
+        ("z scaled", "not orthonormal"),
+        ("l upper", "not lower-triangular"),
+        ("l negative diagonal", "non-positive diagonal"),
+        ("l strict with diagonal", "on or above the diagonal"),
+        ("z missing", "need Z and L"),
+    ],
+)
+def test_pit_in_hf_layout_refused(damage, says, pit_model, tmp_path, capsys):
+    from pit_export.errors import EXIT_BAD_INPUT
+
+    Z, L = pit_model.pit.z.clone(), pit_model.pit.cholesky_factor().clone()
+    convention = "factor"
+    if damage == "z scaled":
+        Z = Z * 1.01
+    elif damage == "l upper":
+        L[0, 1] = 0.1
+    elif damage == "l negative diagonal":
+        L[3, 3] = -L[3, 3]
+    src = save_pit_hf(tmp_path / "src", pit_model, convention, Z, L)
+    if damage in ("l strict with diagonal", "z missing"):
+        from safetensors.torch import load_file, save_file
+
+        sd = load_file(src / "model.safetensors")
+        if damage == "z missing":
+            sd.pop("model.pit.z")
+        else:
+            sd.pop("model.pit.l")
+            sd["model.pit.l_strict"], sd["model.pit.l_log_diag"] = L, torch.diagonal(L).log()
+        save_file(sd, src / "model.safetensors")
+    code, _, err = run_cli(capsys, ["import-hf", src, "--out", tmp_path / "out", "--max-seq-len", "32"])
+    assert code == EXIT_BAD_INPUT, err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]  # progress lines may precede it
+    assert len(errors) == 1 and says in errors[0] and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- the user's own text
+
+
+def test_eval_text_is_scored_and_named(pit_ckpt, tmp_path, capsys):
+    """export/validate --eval-text: perplexity on that text (not the shipped split), named with its sha256."""
+    import hashlib
+
+    from pit_export.models.corpus import load_heldout
+
+    text = tmp_path / "domain.txt"
+    text.write_text("\n\n".join(load_heldout()[:40]))
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, ["export", DEFAULT_MODEL, "--target", "onnx-cpu", "--scheme", "fp32", "--out", out,
+                             "--eval-text", text, "--n-windows", "2", "--n-greedy", "8"])  # fmt: skip
+    assert code == 0, err
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["eval_text"] == {"source": str(text), "sha256": hashlib.sha256(text.read_bytes()).hexdigest()}
+    assert rep["eval_text"]["sha256"][:16] in (out / "report.md").read_text()
+    assert json.loads((out / "manifest.json").read_text())["eval_text"] == rep["eval_text"]
+    args = ["validate", DEFAULT_MODEL, "--artifact", out / "onnx-cpu", "--n-windows", "2", "--json"]
+    ppl = {}
+    for extra in ([], ["--eval-text", text]):
+        code, stdout, err = run_cli(capsys, [*args, *extra])
+        assert code == 0, err
+        ppl[bool(extra)] = json.loads(stdout)["results"][0]["metrics"]["ppl_ref"]
+    assert ppl[True] != ppl[False]  # a different text, a different perplexity
+
+
+def test_eval_text_too_short_is_bad_input(tmp_path, capsys):
+    from pit_export.errors import EXIT_BAD_INPUT
+
+    text = tmp_path / "short.txt"
+    text.write_text("def f(x):\n    return x\n")
+    for argv in (
+        ["validate", DEFAULT_MODEL, "--eval-text", text],
+        ["export", DEFAULT_MODEL, "--target", "onnx-cpu", "--out", tmp_path / "o", "--eval-text", text],
+    ):
+        code, _, err = run_cli(capsys, argv)
+        assert code == EXIT_BAD_INPUT and "window" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "o").exists()

@@ -277,7 +277,8 @@ class Reference:
         for w in self.windows:
             ref.reset()
             np.ascontiguousarray(ref.prefill(w, 0), dtype=np.float32).tofile(self._file)
-        self.greedy_prompt = self.windows[-1, : cfg.prompt_len].tolist()
+        # a prompt that leaves room for greedy tokens within the context (short-context models)
+        self.greedy_prompt = self.windows[-1, : min(cfg.prompt_len, max(1, max_seq_len // 2))].tolist()
         self.greedy = greedy_generate(ref, self.greedy_prompt, cfg.n_greedy)
         self.interface_target = ref.interface_target()
         self.round_trip_target = ref.round_trip_fn()  # tokens -> (vocab slice, float64 target); no table in memory

@@ -375,7 +375,7 @@ def test_cli_shows_a_skipped_patch_as_one_warning_line(capsys):
 
     with warnings.catch_warnings():
         quiet_toolchains()
-        warnings.warn("toolchain chatter", DeprecationWarning)
-        warnings.warn("pit_export.compat: a patch: written for x >=1,<2, found 3; skipped", CompatWarning)
+        warnings.warn("toolchain chatter", DeprecationWarning, stacklevel=1)
+        warnings.warn("pit_export.compat: a patch: written for x >=1,<2, found 3; skipped", CompatWarning, stacklevel=1)
         err = capsys.readouterr().err
     assert err.splitlines() == ["warning: pit_export.compat: a patch: written for x >=1,<2, found 3; skipped"]

@@ -11,7 +11,9 @@ Every export is one process: wall time and its peak RSS (os.wait4). Every artifa
 fixed pseudo-random prompt ids, greedy with numpy's argmax over the last position's fp32 logits, one warm-up run,
 medians over --repeats, a fresh process per (threads, prompt length). Ours through `pit-export bench`; the peers
 through benchmarks/peer_runner.py in their own venv, which reuses runtimes/timing.py (the bench's timing loop).
-Ours also goes through peer_runner.py in the peer's venv: same runner, same runtime build.
+Ours also goes through peer_runner.py in the peer's venv: same runner, same runtime build. The runner-timed artifacts
+go one configuration at a time across all of them (ours and the peer back to back), so the host's load drifts onto
+both sides of a ratio alike.
 Stages are cached under --work; --only reruns named stages. Writes benchmarks/results/peers.json and prints tables."""
 
 from __future__ import annotations
@@ -207,7 +209,8 @@ def timed_artifacts(work: Path) -> dict:
         "ours onnx-cpu": bench(
             "onnx",
             ours_o,
-            "pit-export onnx-cpu preset: 8da4w (int4 MatMulNBits, int8 compute), shared-z (ONNX Runtime session)",
+            "pit-export onnx-cpu preset: 8da4w (int4 MatMulNBits, int8 compute), shared-z, fused graph "
+            "(GroupQueryAttention, SkipSimplifiedLayerNormalization; ONNX Runtime session, KV bound in place)",
         ),
         og: genai(ex / "genai", "onnxruntime-genai 0.18.0 builder: int4 MatMulNBits, GroupQueryAttention"),
         "ours onnx-cpu (genai runner)": genai(ours_o, "ours onnx-cpu loaded by onnxruntime-genai, peer_runner.py"),
@@ -305,26 +308,43 @@ def bench_one(key: str, spec: dict, work: Path, a) -> dict:
             return rec | {"error": st.get("stderr_tail")}
         res = json.loads(out.read_text())
         return rec | {"runs": res["runs"], "roofline": res["roofline"], "decode_profile": res["decode_profile"]}
-    runs = []
+    return bench_runners({key: spec}, a)[key]
+
+
+def bench_runners(specs: dict, a) -> dict:
+    """The runner-timed artifacts, configuration-major: for each (threads, prompt length) every artifact in turn, so
+    a change of the host's load over the run falls on ours and the peer alike rather than on one of them."""
+    recs = {}
+    for key, spec in specs.items():
+        recs[key] = {"label": spec["label"], "backend": spec["backend"], "how": spec["how"], "path": str(spec["path"])}
+        if not Path(spec["path"]).exists():
+            recs[key]["error"] = f"{spec['path']} missing (its export failed or was not run)"
+            continue
+        recs[key]["deploy_files"] = deployed(spec["path"])
+        recs[key]["deployed_bytes"] = sum(recs[key]["deploy_files"].values())
+        recs[key]["runs"] = []
+    live = [k for k in specs if "runs" in recs[k]]
     for t in map(int, a.threads.split(",")):
         for n in map(int, a.prompt_lens.split(",")):
-            r = run_runner(spec, SMOLLM2_135M.vocab_size, t, n, a.gen, a.repeats)
-            print(
-                f"  {key:38s} threads={t} prompt={n}: "
-                + (
-                    f"decode {r['decode_tok_s']:.1f} tok/s, prefill {r['prefill_tok_s']:.0f} tok/s"
-                    if "error" not in r
-                    else f"FAILED {r['error'][-1]}"
-                ),
-                flush=True,
-            )
-            runs.append(r)
-    rec["runs"] = runs
-    if spec["kind"] == "pte":  # where decode time goes: the .pte's ETDump op shares
-        t, n = min(map(int, a.threads.split(","))), max(map(int, a.prompt_lens.split(",")))
-        prof = run_runner(spec | {"profile": True}, SMOLLM2_135M.vocab_size, t, n, a.gen, a.repeats)
-        rec["decode_profile"] = {"threads": t, "context": n} | prof
-    return rec
+            for key in live:
+                r = run_runner(specs[key], SMOLLM2_135M.vocab_size, t, n, a.gen, a.repeats)
+                print(
+                    f"  {key:38s} threads={t} prompt={n}: "
+                    + (
+                        f"decode {r['decode_tok_s']:.1f} tok/s, prefill {r['prefill_tok_s']:.0f} tok/s"
+                        if "error" not in r
+                        else f"FAILED {r['error'][-1]}"
+                    ),
+                    flush=True,
+                )
+                recs[key]["runs"].append(r)
+    for key in live:
+        spec = specs[key]
+        if spec["kind"] == "pte":  # where decode time goes: the .pte's ETDump op shares
+            t, n = min(map(int, a.threads.split(","))), max(map(int, a.prompt_lens.split(",")))
+            prof = run_runner(spec | {"profile": True}, SMOLLM2_135M.vocab_size, t, n, a.gen, a.repeats)
+            recs[key]["decode_profile"] = {"threads": t, "context": n} | prof
+    return recs
 
 
 def ratio(x, y):
@@ -332,8 +352,9 @@ def ratio(x, y):
 
 
 def ratios(state: dict) -> list[dict]:
-    """ours / peer per pair and (threads, prompt length): decode, decode from the median step, prefill; size; export
-    seconds and peak RSS where both sides have an export stage."""
+    """ours / peer per pair and (threads, prompt length): decode, decode from the median step, prefill, time to first
+    token, runtime peak RSS; size and node count (ONNX); export seconds and peak RSS where both sides have an export
+    stage."""
     out = []
     bench, exports = state["bench"], state["exports"]
     for what, ours, peer in PAIRS:
@@ -348,13 +369,16 @@ def ratios(state: dict) -> list[dict]:
             # the peers go from the HF folder in one process, ours in two: import-hf, then export
             row["export_seconds"] = ratio(eo["seconds"] + imp["seconds"], ep["seconds"])
             row["export_peak_rss"] = ratio(max(eo["peak_rss_mb"], imp["peak_rss_mb"]), ep["peak_rss_mb"])
+        go, gp = o.get("graph") or {}, p.get("graph") or {}
+        if go.get("nodes") and gp.get("nodes"):
+            row["nodes"] = ratio(go["nodes"], gp["nodes"])
         row["per_config"] = [
             {
                 "threads": r["threads"],
                 "prompt_len": r["prompt_len"],
                 **{
-                    k: ratio(r[k], pr[(r["threads"], r["prompt_len"])][k])
-                    for k in ("decode_tok_s", "decode_tok_s_p50", "prefill_tok_s")
+                    k: ratio(r.get(k), pr[(r["threads"], r["prompt_len"])].get(k))
+                    for k in ("decode_tok_s", "decode_tok_s_p50", "prefill_tok_s", "ttft_ms", "peak_rss_mb")
                 },
             }
             for r in o["runs"]
@@ -467,12 +491,18 @@ def markdown(report: dict, threads: int = 1) -> str:
                 f"{b['deployed_bytes'] / 1e6:.1f} | {exs} | {r['loadavg_1m']:.1f} |"
             )
             exs = " | "
-    lines += ["", "| ours ÷ peer | threads | prompt | decode | decode (p50) | prefill | size | export s | export RSS |"]
-    lines.append("|---|---|---|---|---|---|---|---|---|")
+    lines += [
+        "",
+        "| ours ÷ peer | threads | prompt | decode | decode (p50) | prefill | TTFT | peak RSS | size | nodes "
+        "| export s | export RSS |",
+    ]
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for row in report["ratios"]:
         for i, c in enumerate(row.get("per_config") or []):
-            rest = [row.get(k, "–") if i == 0 else "" for k in ("size", "export_seconds", "export_peak_rss")]
-            vals = [c["threads"], c["prompt_len"], c["decode_tok_s"], c["decode_tok_s_p50"], c["prefill_tok_s"], *rest]
+            keys = ("size", "nodes", "export_seconds", "export_peak_rss")
+            rest = [row.get(k, "–") if i == 0 else "" for k in keys]
+            speed = ("decode_tok_s", "decode_tok_s_p50", "prefill_tok_s", "ttft_ms", "peak_rss_mb")
+            vals = [c["threads"], c["prompt_len"], *(c.get(k, "–") for k in speed), *rest]
             lines.append(f"| {row['pair'] if i == 0 else ''} | " + " | ".join(map(str, vals)) + " |")
     return "\n".join(lines)
 
@@ -528,11 +558,17 @@ def main(argv=None):
             except OSError as e:  # its venv is missing
                 state["exports"][name] = {"stage": name, "rc": None, "error": str(e)}
             save()
-    for key, spec in timed_artifacts(a.work).items():
-        if wanted(key, "bench"):
+    todo = {k: spec for k, spec in timed_artifacts(a.work).items() if wanted(k, "bench")}
+    for key, spec in todo.items():
+        if spec["how"] == "bench":
             print(f"timing {key}", flush=True)
             state["bench"][key] = bench_one(key, spec, a.work, a)
             save()
+    runners = {k: spec for k, spec in todo.items() if spec["how"] == "runner"}
+    if runners:  # one configuration at a time across artifacts: ours and its peer run back to back in each
+        print(f"timing {', '.join(runners)}, interleaved", flush=True)
+        state["bench"] |= bench_runners(runners, a)
+        save()
     from pit_export.bench import machine
 
     for b in state["bench"].values():  # read from the graph each time: cheap, and valid for cached timings too

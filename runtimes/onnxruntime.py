@@ -35,7 +35,7 @@ class OrtSession:
         self.scheme = meta.get("scheme", "fp32")
         self.name = f"onnxruntime {model_file} ({self.scheme}, {meta.get('layout', '?')})"
         self.vocab_size, self.hidden_size, self.max_seq_len = cfg["vocab_size"], cfg["dim"], cfg["max_seq_len"]
-        self.kv_shape = (1, cfg["n_kv_heads"], 0, cfg["dim"] // cfg["n_heads"])
+        self.kv_shape = (1, cfg["n_kv_heads"], 0, cfg.get("head_size") or cfg["dim"] // cfg["n_heads"])
         self.path, self.threads, self.model_file, self.profile_dir = path, threads, model_file, profile_dir
         self.model: ort.InferenceSession | None = None
         self._open_model()
@@ -45,25 +45,63 @@ class OrtSession:
                 raise OSError(f"{name}.onnx is missing")
         self.past_names = [i.name for i in self.model.get_inputs() if i.name.startswith("past_key_values.")]
         self.out_names = [o.name for o in self.model.get_outputs()]
+        # what the folder says of its KV interface: one past/present buffer per layer written in place (the fused
+        # graph's GroupQueryAttention, past_present_share_buffer in genai_config.json), or present = concat(past, new)
+        genai = path / "genai_config.json"
+        search = json.loads(genai.read_text()).get("search", {}) if genai.is_file() else {}
+        self.shared_buffer = bool(search.get("past_present_share_buffer", False))
+        self.has_position_ids = "position_ids" in {i.name for i in self.model.get_inputs()}
         self.reset()
 
     def reset(self):
         self.past = [np.zeros(self.kv_shape, np.float32) for _ in self.past_names]
+        self.filled = 0  # positions held in the shared buffers
+        self.buffers: list[ort.OrtValue] = []  # shared-buffer mode: [1, H_kv, capacity, hd] per past/present pair
 
     def prefill(self, tokens, start_pos):
         tokens = np.asarray(tokens, dtype=np.int64)
         n = len(tokens)
-        if start_pos > self.past[0].shape[2] or start_pos + n > self.max_seq_len:
+        held = self.filled if self.shared_buffer else self.past[0].shape[2]
+        if start_pos > held or start_pos + n > self.max_seq_len:
             raise ValueError(f"positions {start_pos}..{start_pos + n} do not follow the cache or exceed max_seq_len")
-        feeds = {
-            "input_ids": tokens[None],
-            "attention_mask": np.ones((1, start_pos + n), np.int64),
-            "position_ids": np.arange(start_pos, start_pos + n, dtype=np.int64)[None],
-        }
+        feeds = {"input_ids": tokens[None], "attention_mask": np.ones((1, start_pos + n), np.int64)}
+        if self.has_position_ids:
+            feeds["position_ids"] = np.arange(start_pos, start_pos + n, dtype=np.int64)[None]
+        if self.shared_buffer:
+            return self._run_in_place(feeds, start_pos + n)
         feeds |= {k: p[:, :, :start_pos] for k, p in zip(self.past_names, self.past, strict=True)}
         logits, *present = self._open_model().run(self.out_names, feeds)
         self.past = present
         return logits[0]
+
+    def _run_in_place(self, feeds: dict, total: int) -> np.ndarray:
+        """onnxruntime-genai's past_present_share_buffer: each layer's past and present are one buffer, bound as both
+        input and output, written in place at positions total - n .. total - 1 (the mask's width says where). The
+        buffers grow by doubling up to max_seq_len, so memory follows the context used, not the longest possible."""
+        capacity = self.buffers[0].shape()[2] if self.buffers else 0
+        if total > capacity:
+            self._grow(min(self.max_seq_len, max(total, 2 * capacity, 64)))
+        sess = self._open_model()
+        io = sess.io_binding()
+        for k, v in feeds.items():
+            io.bind_cpu_input(k, v)
+        io.bind_output(self.out_names[0])  # logits, allocated by ORT; bound first, so get_outputs()[0]
+        for name, buf in zip(self.past_names, self.buffers, strict=True):
+            io.bind_ortvalue_input(name, buf)
+            io.bind_ortvalue_output(name.replace("past_key_values", "present"), buf)
+        sess.run_with_iobinding(io)
+        self.filled = total
+        return io.get_outputs()[0].numpy()[0]
+
+    def _grow(self, capacity: int) -> None:
+        kv, hd = self.kv_shape[1], self.kv_shape[3]
+        old = self.buffers
+        new = np.zeros((1, kv, capacity, hd), np.float32)
+        self.buffers = []
+        for i in range(len(self.past_names)):
+            if old:
+                new[:, :, : self.filled] = old[i].numpy()[:, :, : self.filled]
+            self.buffers.append(ort.OrtValue.ortvalue_from_numpy(new.copy()))
 
     def decode(self, token, pos):
         return self.prefill(np.array([token]), pos)[0]

@@ -1,5 +1,11 @@
 """ONNX Runtime backend: an onnxruntime-genai folder with a past/present KV interface, plus embed/unembed probes.
 
+Two graphs: plain Llama configs (onnx_fused.fused_supports) get the fused graph of onnx_fused.py (GroupQueryAttention
+with the KV cache in one shared past/present buffer, SkipSimplifiedLayerNormalization, packed projections), written
+op by op; every other config gets the traced graph below (KVDecoder through torch.onnx.export). Both go through the
+same quantization, probes, config files and mobile format; the folder's genai_config.json says which KV interface
+it has (past_present_share_buffer). What follows describes the traced graph's interface.
+
 Files written:
     model.onnx, model.onnx.data   the decoder: input_ids, attention_mask, position_ids, past_key_values.{i}.key/value
                                   -> logits, present.{i}.key/value (present = concat(past, new); past may be empty)
@@ -33,11 +39,13 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from pit_export.compat.onnxscript import forget_matched_graphs
-from pit_export.decoder import Decoder, FoldedWeights, grouped_attention
+from pit_export.decoder import CachedAttention, Decoder, FoldedWeights
 from pit_export.errors import BadInput
+from pit_export.export import onnx_fused
+from pit_export.export.onnx_fused import fused_supports
 from pit_export.memory import FORK_ABOVE_BYTES, release_memory, run_forked
 from pit_export.models.checkpoint import scratch_dir
-from pit_export.models.pit import rms_norm
+from pit_export.models.pit import allowed
 from pit_export.quantize import Scheme
 
 OPSET = 18
@@ -45,6 +53,7 @@ MODEL, DATA, ORT_MODEL = "model.onnx", "model.onnx.data", "model.ort"
 EMBED, UNEMBED = "embed.onnx", "unembed.onnx"
 # stable tensor names at the interface boundaries, set on the fp32 graph; quantizers keep activation names
 EMB_OUT, HEAD_IN, LOGITS = "embeddings", "final_hidden", "logits"
+HEAD_OUT = "head_logits"  # the head's output where logit soft-capping follows it
 BLOCK = 32
 MASK_MIN = torch.finfo(torch.float32).min  # finite: a fully padded row must not turn into NaN
 
@@ -54,11 +63,20 @@ def kv_names(n_layers: int) -> tuple[list[str], list[str]]:
     return past, [p.replace("past_key_values", "present") for p in past]
 
 
-class KVDecoder(nn.Module):
-    """The Decoder's own modules behind onnxruntime-genai's interface: past k/v in, present = concat(past, new) out.
+class ConcatAttention(CachedAttention):
+    """onnxruntime-genai's cache handling: a layer's past k/v come in, present = concat(past, new) goes out (appended
+    to the list the cache argument carries). Everything else is CachedAttention's."""
 
-    Only the cache handling differs from Decoder.forward (no static buffers): embed, head, norms, projections, RoPE
-    tables and the FFN are the Decoder's."""
+    def write_cache(self, cache, k, v):
+        past_k, past_v, presents = cache
+        k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
+        presents += [k, v]
+        return k, v
+
+
+class KVDecoder(nn.Module):
+    """A Decoder built on ConcatAttention behind onnxruntime-genai's interface: input_ids, attention_mask,
+    position_ids and past k/v in; logits and present k/v out. Only the masks and the cache handling are its own."""
 
     def __init__(self, dec: Decoder):
         super().__init__()
@@ -67,26 +85,17 @@ class KVDecoder(nn.Module):
     def forward(self, input_ids, attention_mask, position_ids, past: list[torch.Tensor]):
         dec = self.dec
         s, total = input_ids.shape[1], attention_mask.shape[1]
-        cos, sin = dec.rope_cos[position_ids][:, None], dec.rope_sin[position_ids][:, None]  # [b, 1, s, hd/2]
-        # query i sits at total - s + i: causal over past + new, and padded keys are never attended
+        # query i sits at total - s + i: causal over past + new (within the window on sliding layers), and padded
+        # keys are never attended
         q_pos = torch.arange(s, device=input_ids.device) + (total - s)
-        allowed = torch.arange(total, device=input_ids.device)[None, :] <= q_pos[:, None]
-        allowed = allowed[None, None] & (attention_mask[:, None, None, :] > 0)
-        mask = torch.where(allowed, 0.0, MASK_MIN)
-        x = dec.embed(input_ids)
-        presents = []
-        for i, layer in enumerate(dec.layers):
-            x, k, v = self._block(layer, x, cos, sin, past[2 * i], past[2 * i + 1], mask)
-            presents += [k, v]
-        return dec.head(rms_norm(x, dec.cfg.norm_eps)), *presents
-
-    @staticmethod
-    def _block(layer, x, cos, sin, past_k, past_v, mask):
-        att = layer.attention
-        q, k, v = att.project(rms_norm(x, layer.eps) * layer.attention_norm, cos, sin)
-        k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
-        x = x + att.wo(grouped_attention(q, k, v, mask, att.n_heads // att.n_kv))
-        return x + layer.feed_forward(rms_norm(x, layer.eps) * layer.ffn_norm), k, v
+        k_pos = torch.arange(total, device=input_ids.device)
+        pad = attention_mask[:, None, None, :] > 0
+        windows = {"full": None, **({"sliding": dec.cfg.sliding_window} if dec.cfg.has_sliding else {})}
+        masks = {k: torch.where(allowed(q_pos, k_pos, w)[None, None] & pad, 0.0, MASK_MIN) for k, w in windows.items()}
+        presents: list[torch.Tensor] = []
+        caches = [(past[2 * i], past[2 * i + 1], presents) for i in range(len(dec.layers))]
+        logits = dec.run(input_ids, position_ids[:, None], masks, caches)  # RoPE tables at [b, 1, s, hd / 2]
+        return logits, *presents
 
 
 # ---------------------------------------------------------------- fp32 graph
@@ -125,6 +134,7 @@ def export_fp32(dec: Decoder, dest: Path) -> onnx.ModelProto:
 # ---------------------------------------------------------------- graph edits on the fp32 graph
 
 HEAD_W = "lm_head.weight"  # the head's d x V MatMul weight; in compact layouts also the one table
+FUSED_NAMES = {"EMB_OUT": EMB_OUT, "HEAD_IN": HEAD_IN, "LOGITS": LOGITS, "HEAD_W": HEAD_W}  # onnx_fused.py
 
 
 def _producer(g: onnx.GraphProto, name: str):
@@ -152,7 +162,9 @@ def canonicalize(model: onnx.ModelProto, layout: str, base_dir: Path) -> None:
     compact layouts the embedding Gather reads Transpose(lm_head.weight): one table on disk. Weights may be external
     (relative to `base_dir`)."""
     g = model.graph
-    head = _producer(g, LOGITS)
+    head = _head(g)
+    if head.output[0] != LOGITS:  # logit soft-capping follows the head: the unembed probe stops before it
+        _rename(g, head.output[0], HEAD_OUT)
     tr = _producer(g, head.input[1])
     assert head.op_type == "MatMul" and (tr is None or tr.op_type == "Transpose"), "unexpected head in the graph"
     if tr is None:  # an unshared weight: dynamo already folded the transpose into a d x V initializer
@@ -222,10 +234,18 @@ def quantize(model: onnx.ModelProto, scheme: Scheme, layout: str, base_dir: Path
     return model
 
 
+def _head(g: onnx.GraphProto):
+    """The head's MatMul: the producer of the logits, before the soft-capping ops (Div, Tanh, Mul) if any."""
+    node = _producer(g, LOGITS)
+    while node.op_type in ("Div", "Tanh", "Mul"):
+        node = next(p for x in node.input if (p := _producer(g, x)) is not None and p.op_type != "Constant")
+    return node
+
+
 def _share_table(g: onnx.GraphProto) -> None:
     """GatherBlockQuantized over the head's MatMulNBits weight [V, d/32, 32 bits/8] viewed as [V, d bits/8]: the one
     table, in the head's precision (onnxruntime-genai's layout for tied models)."""
-    head = _producer(g, LOGITS)
+    head = _head(g)
     assert head.op_type == "MatMulNBits", head.op_type
     attrs = {a.name: helper.get_attribute_value(a) for a in head.attribute}
     V, d = attrs["N"], attrs["K"]
@@ -282,7 +302,8 @@ def write_probes(out: Path, d: int, inv_gain: np.ndarray) -> None:
     hidden = helper.make_tensor_value_info("hidden", TensorProto.FLOAT, ["batch", "seq", d])
     gain = numpy_helper.from_array(inv_gain.astype(np.float32), "inv_gain")
     pre = [gain, helper.make_node("Mul", ["hidden", "inv_gain"], [HEAD_IN])]
-    onnx.save(_subgraph(model, [hidden], [LOGITS], "unembed", pre), out / UNEMBED)
+    head_out = HEAD_OUT if any(HEAD_OUT in n.output for n in model.graph.node) else LOGITS
+    onnx.save(_subgraph(model, [hidden], [head_out], "unembed", pre), out / UNEMBED)
 
 
 def genai_config(fw: FoldedWeights, ckpt) -> dict:
@@ -372,7 +393,7 @@ def fp32_graph(fw: FoldedWeights, scratch: Path) -> onnx.ModelProto:
         key = h.hexdigest()
         if key in _GRAPHS:
             return onnx.load_from_string(_GRAPHS[key])  # a copy: quantization edits it
-    model = export_fp32(Decoder(fw), scratch / "traced.onnx")
+    model = export_fp32(Decoder(fw, ConcatAttention), scratch / "traced.onnx")
     canonicalize(model, fw.layout, scratch)
     if cacheable:
         onnx.load_external_data_for_model(model, str(scratch))
@@ -414,8 +435,14 @@ def write_model(fw: FoldedWeights, scheme: Scheme, out: Path, progress, times: d
     """Trace, quantize and save model.onnx + model.onnx.data into `out`; frees the folded weights."""
     with scratch_dir() as scratch:
         t0 = time.perf_counter()
-        progress("onnx: torch.onnx.export (dynamo)")
-        model = fp32_graph(fw, scratch)
+        # ---- graph selection: plain Llama configs get the fused graph (onnx_fused.py), others the trace
+        if fused_supports(fw.cfg):
+            progress("onnx: fused graph (GroupQueryAttention, SkipSimplifiedLayerNormalization)")
+            model = onnx_fused.fp32_graph(fw, FUSED_NAMES)
+        else:
+            progress("onnx: torch.onnx.export (dynamo)")
+            model = fp32_graph(fw, scratch)
+        # ---- end of graph selection
         fw.release()  # traced to disk: from here on the weights live in scratch (or, for a small model, in `model`)
         release_memory()
         times["export_s"] = time.perf_counter() - t0
@@ -443,7 +470,9 @@ def export(fw: FoldedWeights, scheme: Scheme, out: Path, ckpt, progress=lambda m
         release_memory()
     t0 = time.perf_counter()
     write_probes(out, cfg.dim, inv_gain)
-    (out / "genai_config.json").write_text(json.dumps(genai_config(fw, ckpt), indent=2))
+    fused = fused_supports(cfg)  # graph selection (see write_model): the fused graph has its own genai interface
+    gcfg = onnx_fused.genai_config(fw, ckpt, MODEL, LOGITS) if fused else genai_config(fw, ckpt)
+    (out / "genai_config.json").write_text(json.dumps(gcfg, indent=2))
     if ckpt is not None:
         (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(ckpt, cfg), indent=2))
     ops = _op_counts(onnx.load(out / MODEL, load_external_data=False))
@@ -457,6 +486,7 @@ def export(fw: FoldedWeights, scheme: Scheme, out: Path, ckpt, progress=lambda m
             "model_bytes": (out / MODEL).stat().st_size + (out / DATA).stat().st_size,  # what onnxruntime(-genai) loads
             "ort_bytes": (out / ORT_MODEL).stat().st_size,
             "ops": ops,
+            "graph": "fused" if fused else "traced",
             **{k: round(v, 2) for k, v in times.items()},
         },
     }

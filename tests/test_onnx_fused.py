@@ -1,0 +1,153 @@
+"""The fused onnx-cpu graph (pit_export/export/onnx_fused.py) against onnxruntime-genai's model builder, and the traced
+graph it replaces for plain Llama configs, which still serves every config the fused graph does not implement.
+
+tests/test_onnx.py runs the parity suite on the default (fused) graph; these tests cover what is specific to it."""
+
+import collections
+import dataclasses
+import hashlib
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from pit_export.models.pit import ModelConfig
+from pit_export.runtimes import greedy_generate, open_session
+from pit_export.runtimes.genai import genai_greedy
+from pit_export.runtimes.pytorch import ReferenceSession
+
+from pit_export.export import export_artifact
+from pit_export.export import onnx as onnx_export
+from pit_export.export.onnx_fused import fused_supports
+
+og = pytest.importorskip("onnxruntime_genai")
+
+
+@pytest.fixture(scope="module")
+def int4_dir(tmp_path_factory, pit_ckpt):
+    out = tmp_path_factory.mktemp("fused") / "int4"
+    export_artifact(pit_ckpt, "onnx-cpu", out, "int4", "shared-z")
+    return out
+
+
+def graph(path):
+    return onnx.load(path / "model.onnx", load_external_data=False).graph
+
+
+def test_fused_supports_only_plain_llama_fields(monkeypatch):
+    """Every ModelConfig field outside the plain-Llama set must hold its default; a field added to ModelConfig later
+    (here a stand-in) makes a config unsupported as soon as it leaves its default."""
+    from pit_export.export import onnx_fused
+
+    assert fused_supports(ModelConfig())
+    assert fused_supports(ModelConfig(dim=96, n_heads=3, n_kv_heads=1, tying="tied", max_seq_len=64))
+
+    @dataclasses.dataclass
+    class Later(ModelConfig):
+        attention_bias: bool = False
+
+    monkeypatch.setattr(onnx_fused, "ModelConfig", Later)
+    assert onnx_fused.fused_supports(Later())
+    assert not onnx_fused.fused_supports(Later(attention_bias=True))
+
+
+def test_default_graph_is_fused(int4_dir, pit_ckpt):
+    """One GroupQueryAttention per layer (RoPE inside, KV in place), SkipSimplifiedLayerNormalization carrying the
+    residual, QKV and gate/up packed: 4 MatMulNBits per layer plus the head and the two d x d transforms."""
+    cfg = pit_ckpt.config
+    g = graph(int4_dir)
+    ops = collections.Counter(n.op_type for n in g.node)
+    L = cfg.n_layers
+    assert ops["GroupQueryAttention"] == L
+    assert ops["SkipSimplifiedLayerNormalization"] == 2 * L and ops["SimplifiedLayerNormalization"] == 1
+    assert ops["MatMulNBits"] == 4 * L + 3 and ops["GatherBlockQuantized"] == 1
+    assert not {"Concat", "Transpose", "Pow", "ReduceMean", "Softmax"} & set(ops)
+    gqa = next(n for n in g.node if n.op_type == "GroupQueryAttention")
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in gqa.attribute}
+    assert attrs["do_rotary"] == 1 and attrs["rotary_interleaved"] == 0
+    assert {i.name for i in g.input} == {"input_ids", "attention_mask"} | {
+        f"past_key_values.{i}.{kv}" for i in range(L) for kv in ("key", "value")
+    }
+    genai = json.loads((int4_dir / "genai_config.json").read_text())
+    assert genai["search"]["past_present_share_buffer"] is True
+    assert json.loads((int4_dir / "pit_export.json").read_text())["onnx"]["graph"] == "fused"
+    # the RoPE tables are stored once, outside the graph proto, and read by every layer
+    tables = [t for t in g.initializer if t.name in ("cos_cache", "sin_cache")]
+    assert len(tables) == 2 and all(t.data_location == onnx.TensorProto.EXTERNAL for t in tables)
+    assert all(t.name in ("cos_cache", "sin_cache") for t in tables)
+
+
+def test_fused_export_is_reproducible(int4_dir, pit_ckpt, tmp_path):
+    again = tmp_path / "again"
+    export_artifact(pit_ckpt, "onnx-cpu", again, "int4", "shared-z")
+    for f in ("model.onnx", "model.onnx.data", "embed.onnx", "unembed.onnx", "genai_config.json"):
+        a, b = ((d / f).read_bytes() for d in (int4_dir, again))
+        assert hashlib.sha256(a).digest() == hashlib.sha256(b).digest(), f
+
+
+def test_shared_buffer_grows_and_rewinds(int4_dir, heldout):
+    """Our session binds each layer's past and present to one buffer (genai's past_present_share_buffer); the buffer
+    grows with the context used, and prefill at start_pos rewinds into it."""
+    s = open_session(int4_dir)
+    assert s.inner.shared_buffer
+    w = np.asarray(heldout[0, :200], dtype=np.int64)
+    full = s.prefill(w, 0)
+    s.reset()
+    parts = [s.prefill(w[:10], 0)]
+    capacity = s.inner.buffers[0].shape()[2]
+    parts += [s.decode(int(w[i]), i)[None] for i in range(10, 70)]
+    parts.append(s.prefill(w[70:], 70))
+    assert s.inner.buffers[0].shape()[2] > capacity
+    np.testing.assert_allclose(np.concatenate(parts), full, atol=1e-3 * np.abs(full).max())
+    np.testing.assert_allclose(s.prefill(w[150:], 150), full[150:], atol=1e-3 * np.abs(full).max())
+
+
+def _builder_export(tmp_path, cfg: ModelConfig, tokenizer):
+    from tests.hf_models import save_hf
+
+    hf, out = tmp_path / "hf", tmp_path / "genai"
+    save_hf(hf, dataclasses.replace(cfg, tying="tied"), tokenizer)
+    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", hf, "-o", out, "-p", "int4", "-e", "cpu"]
+    subprocess.run([*map(str, cmd), "-c", str(tmp_path / "cache")], check=True, capture_output=True)
+    return out
+
+
+def test_graph_is_smaller_than_the_builders(int4_dir, pit_ckpt, tmp_path):
+    """Beside onnxruntime-genai's builder on a tied Llama of the same shape at the same scheme (int4, block 32): no more
+    nodes, a graph proto no larger, and weights larger only by what PIT and our rounding add: the two d x d transforms
+    and the zero points of asymmetric blocks (the builder rounds symmetrically: ppl x1.05 on the default model, over
+    the 4-bit gate)."""
+    builder = _builder_export(tmp_path, pit_ckpt.config, pit_ckpt.path / "tokenizer.json")
+    ours, theirs = graph(int4_dir), graph(builder)
+    assert len(ours.node) <= len(theirs.node), (len(ours.node), len(theirs.node))
+    assert (int4_dir / "model.onnx").stat().st_size <= (builder / "model.onnx").stat().st_size
+    d = pit_ckpt.config.dim
+    inits = {t.name: t for t in ours.initializer}
+    extra = sum(int(np.prod(t.dims)) for n, t in inits.items() if n.endswith("_zero_points"))
+    nbits = {n.input[0]: n for n in ours.node if n.op_type == "MatMulNBits"}
+    for n in nbits.values():
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+        if attrs["N"] == attrs["K"] == d and n.input[0] in ("final_hidden", "table_rows"):  # the d x d transforms
+            extra += sum(int(np.prod(inits[x].dims)) * (4 if "scales" in x else 1) for x in n.input[1:] if x)
+    data = (int4_dir / "model.onnx.data").stat().st_size
+    assert data - extra <= (builder / "model.onnx.data").stat().st_size, (data, extra)
+
+
+def test_traced_graph_still_serves_other_configs(tmp_path, pit_ckpt, heldout, monkeypatch):
+    """A config the fused graph does not implement gets the traced graph (present = concat(past, new)); our session
+    reads which from the folder, and genai runs it with its own buffer mode."""
+    monkeypatch.setattr(onnx_export, "fused_supports", lambda cfg: False)
+    out = tmp_path / "traced"
+    export_artifact(pit_ckpt, "onnx-cpu", out, "fp32", "shared-z")
+    assert json.loads((out / "pit_export.json").read_text())["onnx"]["graph"] == "traced"
+    assert json.loads((out / "genai_config.json").read_text())["search"]["past_present_share_buffer"] is False
+    assert "GroupQueryAttention" not in {n.op_type for n in graph(out).node}
+    s = open_session(out)
+    assert not s.inner.shared_buffer
+    w = np.asarray(heldout[0, :64], dtype=np.int64)
+    ref = ReferenceSession(pit_ckpt.model).prefill(w, 0)
+    assert np.abs(s.prefill(w, 0) - ref).max() <= 1e-4  # the fp32 gate
+    p = heldout[-1, :32].tolist()
+    assert genai_greedy(out, p, 16) == greedy_generate(s, p, 16)

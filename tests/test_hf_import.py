@@ -152,8 +152,10 @@ def _only_pickle(d):
     [
         (lambda d: (d / "config.json").unlink(), "config.json missing"),
         (_edit_config(architectures=["GPT2LMHeadModel"]), "unsupported architecture"),
-        (_edit_config(architectures=["Qwen2ForCausalLM"], model_type="qwen2"), "biases are not supported"),
-        (_edit_config(rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 32.0}), "RoPE scaling"),
+        # Qwen2 has q/k/v biases: a folder without them contradicts its architecture
+        (_edit_config(architectures=["Qwen2ForCausalLM"], model_type="qwen2"), r"_proj\.bias missing"),
+        (_edit_config(rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 32.0}), "low_freq_factor"),
+        (_edit_config(rope_parameters={"rope_type": "yarn", "rope_theta": 5e5, "factor": 4.0}), "'yarn'"),
         (_edit_config(vocab_size=4097), "vocab_size=4097 disagrees with the weights"),
         (_nan_tensor, "non-finite"),
         (_only_pickle, "never loaded"),

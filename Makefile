@@ -49,9 +49,12 @@ lint: $(STAMP)
 	$(BIN)/ruff check pit_export models runtimes tests benchmarks
 	$(BIN)/ruff format --check pit_export models runtimes tests benchmarks
 
-# An emulated ARM64 userland (Debian bookworm, numpy + onnxruntime) for `pit-export bench --where arm64-emu`:
-# installs qemu-user-static, qemu-user (loads TCG plugins: instruction counts) and debootstrap with apt-get when
-# missing (root, Debian registries) and compiles the counting plugin. ~1.5 min, ~390 MB in .emu/.
+# An emulated ARM64 userland (Debian bookworm) for `--where arm64-emu` (validate, bench) and the adb stand-in
+# (benchmarks/emu/device): numpy + onnxruntime (+ onnxruntime-genai), and ExecuTorch 1.5.1 with the aarch64 torch it
+# links, whose CUDA libraries are replaced by stand-ins (benchmarks/emu/cuda_stubs.py; EMU_EXECUTORCH=0 skips this
+# layer). Installs qemu-user-static, qemu-user (loads TCG plugins: instruction counts), debootstrap and
+# gcc-aarch64-linux-gnu with apt-get when missing (root, Debian registries) and compiles the counting plugin.
+# ~5 min, ~450 MB of wheels cached in .emu/wheels-arm64, ~1.6 GB root in .emu/arm64.
 EMU_ROOT := .emu/arm64
 emu:
 	sh benchmarks/emu/build-arm64.sh $(EMU_ROOT) $(PY)

@@ -1,7 +1,14 @@
 """--where arm64-emu: run the artifact's runtime as aarch64 code under QEMU user mode (root built by `make emu`).
 
-It proves the ARM64 kernels run and agree with the host (logits parity on the same tokens); its wall times are
-emulated (8-400x off, depending on how much NEON the kernels use) and never a phone latency."""
+The root holds the aarch64 wheels of onnxruntime and of ExecuTorch (with the torch it links; its CUDA libraries are
+stand-ins that ExecuTorch never calls), so the kernels that run are the ones a phone's CPU runs: XNNPACK's and ONNX
+Runtime's ARM64 NEON paths. Three uses:
+  EmulatedSession   the artifact's own Session inside the root, served to the host: validation (the same metrics
+                    and gates as on the host) and generation run unchanged against ARM64 kernels
+  run()             bench: emulated timings (8-400x off, depending on how much NEON the kernels use; never a phone
+                    latency) and logits parity with the host on the same tokens
+  instruction counts executed ARM64 instructions per prefill and per decoded token (a QEMU TCG plugin): independent
+                    of emulation speed and machine load, so close comparisons are settled by counts"""
 
 from __future__ import annotations
 
@@ -12,11 +19,12 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from pit_export.errors import Unavailable
+from pit_export.errors import PitError, Unavailable
 from pit_export.models.checkpoint import scratch_dir
 from pit_export.runtimes.timing import prompt_tokens
 
@@ -25,30 +33,137 @@ QEMU = "qemu-aarch64-static"
 QEMU_CPU = "cortex-a76"  # the fake /proc/cpuinfo in the root says Cortex-A76 too; 'max' adds SVE/SME and is slower
 # runtimes/ is the package pit_export.runtimes (a source tree maps it there too): found by its module, not by a path
 RUNNER = Path(importlib.util.find_spec("pit_export.runtimes").origin).parent / "remote_runner.py"
-# backend -> why it cannot run in the emulated root (the root holds numpy + onnxruntime only)
-NOT_EMULATED = {
-    "executorch": "ExecuTorch's Python runtime links libtorch; the aarch64 torch wheel (427 MB) links ~2.9 GB of CUDA "
-    "libraries (one not on the registry): not installed in the emulated root",
-    "coreml": "CoreML runs on Apple devices only",
-}
+# backend -> the marker of the root's layer that holds its runtime (benchmarks/emu/build-arm64.sh)
+LAYERS = {"onnx": ".complete", "executorch": ".executorch-complete"}
+NOT_EMULATED = {"coreml": "CoreML runs on Apple devices only", "torch": "a PyTorch folder is not a deployed artifact"}
 PARITY_ATOL = {"fp32": 1e-4}  # other schemes: reported, not gated (same kernels family, different instruction sets)
 
 
-def root() -> Path:
+def root(backend: str = "onnx") -> Path:
+    if backend in NOT_EMULATED:
+        raise Unavailable(f"arm64-emu: {NOT_EMULATED[backend]}")
     if shutil.which(QEMU) is None:
         raise Unavailable(f"{QEMU} not found: run `make emu` (installs qemu-user-static and builds the ARM64 root)")
     if not (EMU_ROOT / ".complete").is_file():
         raise Unavailable(f"no emulated ARM64 root at {EMU_ROOT}: run `make emu`")
+    if not (EMU_ROOT / LAYERS.get(backend, ".complete")).is_file():
+        raise Unavailable(f"the emulated ARM64 root at {EMU_ROOT} has no {backend} runtime: run `make emu`")
     return EMU_ROOT
 
 
-def emulated_python(script: Path, arg: str, timeout: float) -> str:
-    r = root()
-    env = os.environ | {"QEMU_CPU": QEMU_CPU, "OMP_NUM_THREADS": "1"}
-    cmd = [QEMU, "-L", str(r), str(r / "usr/bin/python3.11"), str(script), arg]
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+def guest_env(threads: int = 1) -> dict:
+    # a fixed hash seed: the same Python code path in every run (instruction counts compare runs)
+    return os.environ | {"QEMU_CPU": QEMU_CPU, "OMP_NUM_THREADS": str(threads), "PYTHONHASHSEED": "0"}
+
+
+def guest_python(r: Path) -> list[str]:
+    return [QEMU, "-L", str(r), str(r / "usr/bin/python3.11")]
+
+
+def backend_of(folder: Path) -> str:
+    from pit_export.runtimes.base import artifact_backend
+
+    backend = artifact_backend(Path(folder))
+    if backend is None:
+        from pit_export.errors import BadInput
+
+        raise BadInput(f"{folder}: not an artifact folder (no pit_export.json)")
+    return backend
+
+
+class EmulatedSession:
+    """The artifact's Session running in the emulated ARM64 root (remote_runner.py, serve mode), behind the Session
+    protocol: every prefill/decode/embed/unembed executes on the aarch64 runtime; arrays cross a pipe."""
+
+    def __init__(self, folder: Path, threads: int = 1):
+        from pit_export.runtimes.wire import recv
+
+        folder = Path(folder)
+        r = root(backend_of(folder))
+        args = json.dumps({"mode": "serve", "folder": str(folder.resolve()), "threads": threads})
+        self._err = tempfile.TemporaryFile(prefix="pit-emu-")
+        self.proc = subprocess.Popen(
+            [*guest_python(r), str(RUNNER), args],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._err,
+            env=guest_env(threads),
+        )
+        try:
+            head, _ = recv(self.proc.stdout)
+        except EOFError:
+            self._dead("could not start")
+        if "error" in head:
+            self.close()
+            raise Unavailable(f"arm64-emu: {folder}: {head['error']}")
+        for k, v in head["ready"].items():
+            setattr(self, k, v)
+        self.name = f"{self.name} on emulated arm64"
+
+    def _dead(self, what: str):
+        self.proc.kill()
+        self.proc.wait()
+        self._err.seek(0)
+        tail = self._err.read().decode(errors="replace").strip().splitlines() or [f"exit {self.proc.returncode}"]
+        raise PitError(f"arm64-emu: the emulated runtime {what}: {tail[-1]}")
+
+    def _call(self, op: str, arr=None, **kw):
+        from pit_export.runtimes.wire import recv, send
+
+        if self.proc.poll() is not None:
+            self._dead("has exited")
+        try:
+            send(self.proc.stdin, {"op": op} | kw, arr)
+            head, out = recv(self.proc.stdout)
+        except (EOFError, BrokenPipeError):
+            self._dead(f"died during {op}")
+        if "error" in head:
+            raise PitError(f"arm64-emu: {op}: {head['error']}")
+        return out
+
+    def prefill(self, tokens, start_pos):
+        return self._call("prefill", np.asarray(tokens, dtype=np.int64), start=int(start_pos))
+
+    def decode(self, token, pos):
+        return self._call("decode", token=int(token), pos=int(pos))
+
+    def embed(self, tokens):
+        return self._call("embed", np.asarray(tokens, dtype=np.int64))
+
+    def unembed(self, hidden):
+        return self._call("unembed", np.asarray(hidden, dtype=np.float32))
+
+    def reset(self):
+        self._call("reset")
+
+    def close(self):
+        if self.proc.poll() is None:
+            try:
+                from pit_export.runtimes.wire import send
+
+                send(self.proc.stdin, {"op": "close"})
+                self.proc.stdin.close()
+                self.proc.wait(timeout=60)
+            except (BrokenPipeError, subprocess.TimeoutExpired, OSError):
+                self.proc.kill()
+                self.proc.wait()
+        self._err.close()
+
+
+def open_session(folder, threads: int | None = 1, **_):
+    """An artifact's Session on the emulated ARM64 root, argument-checked like the host's."""
+    from pit_export.runtimes.base import CheckedSession
+
+    return CheckedSession(EmulatedSession(Path(folder), threads or 1))
+
+
+def emulated_python(script: Path, arg: str, timeout: float, backend: str = "onnx", threads: int = 1) -> str:
+    r = root(backend)
+    p = subprocess.run(
+        [*guest_python(r), str(script), arg], capture_output=True, text=True, env=guest_env(threads), timeout=timeout
+    )
     if p.returncode != 0:
-        raise RuntimeError(f"emulated runner failed: {(p.stderr.strip().splitlines() or ['no output'])[-1]}")
+        raise PitError(f"arm64-emu: emulated runner failed: {(p.stderr.strip().splitlines() or ['no output'])[-1]}")
     return p.stdout.strip().splitlines()[-1]
 
 
@@ -81,79 +196,92 @@ def _runner_args(folder: Path, prompt: np.ndarray, gen: int, out: str, threads: 
     return json.dumps(args | {"repeats": repeats, "out": out})
 
 
-def _per_token(counts: list[int], gens, tool: str, isa: str, prompt_len: int) -> dict:
-    # two runs differing only in decode steps: start-up, load, prefill and warm-up cancel in the difference
+def count_plan(prompt_len: int, decode_steps: int) -> list[tuple[int, int]]:
+    """The counting runs, (prompt tokens, decode steps), each one prefill then its decode steps in a fresh process:
+    A = (1, 1), B = (P, 1), C = (P, 1 + g). Start-up, imports, program load and one-time setup cancel in the
+    differences: prefill per token = (B - A) / (P - 1); decode per token = (C - B) / g at contexts P+1 .. P+g (the
+    first decode step, which may re-plan for the one-token shape, is in both B and C)."""
+    if prompt_len < 2 or decode_steps < 1:
+        from pit_export.errors import BadInput
+
+        raise BadInput(
+            f"instruction counts need a prompt of >= 2 tokens and >= 1 decode step, got {prompt_len}, {decode_steps}"
+        )
+    return [(1, 1), (prompt_len, 1), (prompt_len, 1 + decode_steps)]
+
+
+def per_token(counts: list[int], prompt_len: int, decode_steps: int, tool: str, isa: str) -> dict:
+    a, b, c = counts
     return {
-        f"{isa}_instructions_per_decoded_token": (counts[1] - counts[0]) / (gens[1] - gens[0]),
+        f"{isa}_instructions_per_prefill_token": (b - a) / (prompt_len - 1),
+        f"{isa}_instructions_per_decoded_token": (c - b) / decode_steps,
         "tool": tool,
         "context": prompt_len,
-        "runs_total": counts,
-        "decode_steps": list(gens),
+        "decode_contexts": [prompt_len + 1, prompt_len + decode_steps],
+        "runs": [
+            {"prompt": p, "decode_steps": g, "instructions": n}
+            for (p, g), n in zip(count_plan(prompt_len, decode_steps), counts, strict=True)
+        ],
         "threads": 1,
     }
 
 
-def arm_instructions(folder: Path, vocab: int, prompt_len: int, gens=(4, 20)) -> dict:
-    """Executed ARM64 instructions per decoded token (QEMU TCG plugin, inline count): independent of emulation
-    speed and machine load."""
-    counts = []
-    with scratch_dir() as tmp:
-        for gen in gens:  # a fixed hash seed: the same Python code path in both runs
-            env = os.environ | {"QEMU_CPU": QEMU_CPU, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
-            cmd = [
-                QEMU_PLUGGABLE,
-                "-plugin",
-                str(PLUGIN),
-                "-L",
-                str(EMU_ROOT),
-                str(EMU_ROOT / "usr/bin/python3.11"),
-                str(RUNNER),
-                _runner_args(folder, prompt_tokens(prompt_len, vocab), gen, f"{tmp}/l.npz"),
-            ]
-            p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
-            m = re.search(r"insns: (\d+)", p.stderr)
-            if p.returncode != 0 or m is None:
-                return {"skipped": f"counting run failed: {(p.stderr.strip().splitlines() or ['?'])[-1]}"}
-            counts.append(int(m.group(1)))
-    return _per_token(counts, gens, "QEMU TCG plugin (benchmarks/emu/insn_count.c)", "arm64", prompt_len)
+def _count_args(folder: Path, prompt: np.ndarray, gen: int) -> str:
+    return json.dumps({"mode": "count", "folder": str(folder.resolve()), "prompt": prompt.tolist(), "gen": gen})
 
 
-def host_instructions(folder: Path, vocab: int, prompt_len: int, gens=(4, 20)) -> dict:
-    """Executed x86-64 instructions per decoded token on the host (valgrind callgrind, all threads), same runner:
-    the fallback where ARM instructions cannot be counted. Not an ARM count."""
+def arm_instructions(folder: Path, vocab: int, prompt_len: int, decode_steps: int = 8, progress=lambda m: None) -> dict:
+    """Executed ARM64 instructions per prefill token and per decoded token (QEMU TCG plugin, inline count; one
+    thread): independent of emulation speed and machine load."""
+    r = root(backend_of(folder))
+    prompt, counts = prompt_tokens(prompt_len, vocab), []
+    for n, gen in count_plan(prompt_len, decode_steps):
+        progress(f"arm64 instruction count: prompt {n}, {gen} decode steps (emulated, counted: minutes)")
+        cmd = [QEMU_PLUGGABLE, "-plugin", str(PLUGIN), "-L", str(r), str(r / "usr/bin/python3.11"), str(RUNNER)]
+        p = subprocess.run(
+            [*cmd, _count_args(folder, prompt[:n], gen)], capture_output=True, text=True, env=guest_env(), timeout=7200
+        )
+        m = re.search(r"insns: (\d+)", p.stderr)
+        if p.returncode != 0 or m is None:
+            return {"skipped": f"counting run failed: {(p.stderr.strip().splitlines() or ['?'])[-1]}"}
+        counts.append(int(m.group(1)))
+    return per_token(counts, prompt_len, decode_steps, "QEMU TCG plugin (benchmarks/emu/insn_count.c)", "arm64")
+
+
+def host_instructions(folder: Path, vocab: int, prompt_len: int, decode_steps: int = 8) -> dict:
+    """Executed x86-64 instructions on the host (valgrind callgrind, all threads), same runner and plan: the
+    fallback where ARM instructions cannot be counted. Not an ARM count."""
     if shutil.which("valgrind") is None:
         return {"skipped": "valgrind not installed"}
-    counts = []
+    prompt, counts = prompt_tokens(prompt_len, vocab), []
     with scratch_dir() as tmp:
-        for gen in gens:
-            cmd = [
-                "valgrind",
-                "--tool=callgrind",
-                f"--callgrind-out-file={tmp}/cg.out",
-                sys.executable,
-                str(RUNNER),
-                _runner_args(folder, prompt_tokens(prompt_len, vocab), gen, f"{tmp}/l.npz"),
-            ]
-            p = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+        for n, gen in count_plan(prompt_len, decode_steps):
+            cmd = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={tmp}/cg.out", sys.executable, str(RUNNER)]
+            p = subprocess.run(
+                [*cmd, _count_args(folder, prompt[:n], gen)],
+                capture_output=True,
+                text=True,
+                timeout=7200,
+                env=os.environ | {"PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"},
+            )
             m = re.search(r"Collected : (\d+)", p.stderr)
             if p.returncode != 0 or m is None:
                 return {"skipped": f"valgrind run failed: {(p.stderr.strip().splitlines() or ['?'])[-1]}"}
             counts.append(int(m.group(1)))
-    return _per_token(counts, gens, "valgrind callgrind (Ir)", "x86_64", prompt_len)
+    return per_token(counts, prompt_len, decode_steps, "valgrind callgrind (Ir)", "x86_64")
 
 
-def instruction_counts(folder: Path, info: dict, prompt_len: int) -> dict:
+def instruction_counts(folder: Path, info: dict, prompt_len: int, decode_steps: int = 8, progress=lambda m: None):
     vocab = info["config"]["vocab_size"]
     why = qemu_plugins()
     if why is None:
-        return {"arm64": arm_instructions(folder, vocab, prompt_len)}
-    return {"arm64": {"skipped": why}, "host": host_instructions(folder, vocab, prompt_len)}
+        return {"arm64": arm_instructions(folder, vocab, prompt_len, decode_steps, progress)}
+    return {"arm64": {"skipped": why}, "host": host_instructions(folder, vocab, prompt_len, decode_steps)}
 
 
 def run(folder: Path, info: dict, cfg, progress=lambda msg: None) -> dict:
-    if info["backend"] in NOT_EMULATED:
-        raise Unavailable(f"arm64-emu: {NOT_EMULATED[info['backend']]}")
-    root()
+    backend = info["backend"]
+    root(backend)
     vocab = info["config"]["vocab_size"]
     runs = []
     for threads in cfg.threads:
@@ -163,14 +291,14 @@ def run(folder: Path, info: dict, cfg, progress=lambda msg: None) -> dict:
             with scratch_dir() as tmp:
                 args = _runner_args(folder, prompt, cfg.gen, f"{tmp}/logits.npz", threads, cfg.repeats)
                 load = os.getloadavg()[0]
-                res = json.loads(emulated_python(RUNNER, args, timeout=3600))
+                res = json.loads(emulated_python(RUNNER, args, 7200, backend, threads))
                 emu = np.load(f"{tmp}/logits.npz")
                 pre, dec = host_logits(folder, prompt, emu["tokens"].tolist())
                 runs.append(summarize(res, n, threads, load) | parity(emu, pre, dec, info["scheme"]))
     result = {"runs": runs, "emulator": {"qemu": QEMU, "cpu": QEMU_CPU, "root": str(EMU_ROOT)} | build_info()}
     if cfg.count_instructions:
-        progress("instruction counts (valgrind: minutes)")
-        result["instructions"] = instruction_counts(folder, info, min(cfg.prompt_lens))
+        steps = min(cfg.gen, 8)
+        result["instructions"] = instruction_counts(folder, info, min(cfg.prompt_lens), steps, progress)
     return result
 
 

@@ -30,10 +30,8 @@ class ExecuTorchSession:
         et = meta["executorch"]
         if et.get("needs_quantized_kernels"):
             import executorch.kernels.quantized  # noqa: F401  registers quantized_decomposed::embedding_*bit
-        if et.get("needs_custom_ops"):
-            from pit_export.export.executorch import load_custom_ops
-
-            load_custom_ops()
+        if et.get("needs_custom_ops"):  # llama::update_cache, llama::custom_sdpa (as export's load_custom_ops)
+            import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401
         data = folder / et["data"] if et.get("data") else None  # shared layouts keep weights in model.ptd
         self.pte, self.data, self.runtime = folder / et["program"], data, Runtime.get()
         if threads:

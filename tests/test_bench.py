@@ -216,9 +216,11 @@ def test_arm64_emu_parity(onnx_untied):
 
 
 @pytest.mark.skipif(not EMU_READY, reason=f"no emulated ARM64 root at {emu.EMU_ROOT} (run `make emu`)")
-def test_arm64_emu_refuses_executorch_with_reason(et_fp32_dir, capsys):
+def test_arm64_emu_without_executorch_layer_exit_4(et_fp32_dir, capsys, monkeypatch):
+    """A root built without the ExecuTorch layer (EMU_EXECUTORCH=0) refuses the .pte in one line, naming the fix."""
+    monkeypatch.setitem(emu.LAYERS, "executorch", ".no-such-layer")
     code, err = cli(capsys, ["bench", et_fp32_dir, "--where", "arm64-emu", *SMALL])
-    assert code == EXIT_UNAVAILABLE and "torch" in err and len(err.strip().splitlines()) == 1
+    assert code == EXIT_UNAVAILABLE and "make emu" in err and len(err.strip().splitlines()) == 1
 
 
 def test_prompt_tokens_in_vocab():
@@ -246,5 +248,6 @@ def test_cli_writes_results_where_documented(onnx_untied, capsys, monkeypatch, t
 @pytest.mark.slow
 @pytest.mark.skipif(not EMU_READY or emu.qemu_plugins() is not None, reason="no plugin-capable QEMU + counting plugin")
 def test_arm64_instruction_count(onnx_untied):
-    counts = emu.instruction_counts(onnx_untied, bench.artifact_info(onnx_untied), 8)
-    assert counts["arm64"]["arm64_instructions_per_decoded_token"] > 0
+    counts = emu.instruction_counts(onnx_untied, bench.artifact_info(onnx_untied), 8, decode_steps=4)["arm64"]
+    assert counts["arm64_instructions_per_decoded_token"] > 0 and counts["arm64_instructions_per_prefill_token"] > 0
+    assert counts["context"] == 8 and [r["prompt"] for r in counts["runs"]] == [1, 8, 8]

@@ -1,0 +1,138 @@
+"""Executed ARM64 instructions per prefill token and per decoded token, ours beside the peers, on the SmolLM2-135M
+configuration that `make peers` builds (.peers/work/exports): every artifact runs in the emulated ARM64 root
+(`make emu`) under the counting QEMU plugin, one thread, the same prompt ids, through the same runner per runtime
+(benchmarks/peer_runner.py's sessions: the .pte's forward for both ExecuTorch programs, og.Generator for both
+onnxruntime-genai folders). Counts do not depend on emulation speed or on the host's load.
+
+    .venv/bin/python benchmarks/emu/count_peers.py [--prompt-len 32] [--decode-steps 4] [--only LABEL,...]
+
+Writes benchmarks/results/peers-arm64.json and its .md (benchmarks/render.py). Artifacts not built yet are listed
+as missing."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+os.chdir(ROOT)
+
+from pit_export.runtimes.timing import prompt_tokens  # noqa: E402
+
+from pit_export import emu  # noqa: E402
+
+EX = ROOT / ".peers" / "work" / "exports"
+GUEST = Path(__file__).resolve().parent / "peer_count.py"
+RESULTS = ROOT / "benchmarks" / "results"
+# label -> (kind, path, data, what it is; the embedding scheme named)
+ARTIFACTS = {
+    "ours android": (
+        "pte",
+        EX / "ours-android/android/model.pte",
+        None,
+        "pit-export android preset: 8da4w linears, 4-bit embedding table (group 32), untied 8da4w head",
+    ),
+    "optimum-executorch": (
+        "pte",
+        EX / "optimum-executorch/model.pte",
+        None,
+        "optimum-executorch 1.1.0: 8da4w linears (--qlinear 8da4w), 8-bit embedding (--qembedding "
+        "8w), the tied head quantized separately as an 8da4w linear",
+    ),
+    "ours onnx-cpu": (
+        "genai",
+        EX / "ours-onnx/onnx-cpu",
+        None,
+        "pit-export onnx-cpu preset: 8da4w (MatMulNBits int4 with zero points, accuracy_level 4: int8 activations), "
+        "shared-z; the 4-bit GatherBlockQuantized embedding table shared with the head",
+    ),
+    "onnxruntime-genai": (
+        "genai",
+        EX / "genai",
+        None,
+        "onnxruntime-genai 0.18.0 builder -p int4: MatMulNBits (block 32, accuracy_level 4), "
+        "GroupQueryAttention, one 4-bit GatherBlockQuantized table shared with the head",
+    ),
+}
+PAIRS = [("executorch", "ours android", "optimum-executorch"), ("onnx", "ours onnx-cpu", "onnxruntime-genai")]
+
+
+def count(kind: str, path: Path, data, vocab: int, prompt, gen: int) -> int:
+    r = emu.root("executorch" if kind == "pte" else "onnx")
+    args = {"kind": kind, "path": str(path), "data": data, "vocab": vocab, "prompt": prompt.tolist(), "gen": gen}
+    cmd = [emu.QEMU_PLUGGABLE, "-plugin", str(emu.PLUGIN), "-L", str(r), str(r / "usr/bin/python3.11"), str(GUEST)]
+    p = subprocess.run([*cmd, json.dumps(args)], capture_output=True, text=True, env=emu.guest_env(), timeout=14400)
+    m = re.search(r"insns: (\d+)", p.stderr)
+    if p.returncode != 0 or m is None:
+        raise RuntimeError((p.stderr.strip().splitlines() or ["no output"])[-1])
+    return int(m.group(1))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--decode-steps", type=int, default=4)
+    ap.add_argument("--only", default="")
+    ap.add_argument("--out", type=Path, default=RESULTS / "peers-arm64.json")
+    a = ap.parse_args()
+    why = emu.qemu_plugins()
+    if why:
+        sys.exit(why)
+    vocab = json.loads((ROOT / ".peers/work/hf/config.json").read_text())["vocab_size"]
+    prompt = prompt_tokens(a.prompt_len, vocab)
+    old = json.loads(a.out.read_text()) if a.out.is_file() else {}
+    results = old.get("artifacts", {})
+    only = [s for s in a.only.split(",") if s]
+    for label, (kind, path, data, what) in ARTIFACTS.items():
+        if only and label not in only:
+            continue
+        if not path.exists():
+            results[label] = {"missing": f"{path.relative_to(ROOT)} not built (make peers)", "what": what}
+            continue
+        counts, t0 = [], time.time()
+        for n, gen in emu.count_plan(a.prompt_len, a.decode_steps):
+            print(f"{label}: prompt {n}, {gen} decode steps ...", flush=True)
+            counts.append(count(kind, path, data, vocab, prompt[:n], gen))
+        res = emu.per_token(
+            counts, a.prompt_len, a.decode_steps, "QEMU TCG plugin (benchmarks/emu/insn_count.c)", "arm64"
+        )
+        results[label] = res | {
+            "what": what,
+            "kind": kind,
+            "path": str(path.relative_to(ROOT)),
+            "wall_s": time.time() - t0,
+            "loadavg_1m": os.getloadavg()[0],
+        }
+        print(label, {k: v for k, v in res.items() if k.endswith("_token")}, flush=True)
+    ratios = {}
+    for name, ours, peer in PAIRS:
+        o, p = results.get(ours, {}), results.get(peer, {})
+        if "arm64_instructions_per_decoded_token" in o and "arm64_instructions_per_decoded_token" in p:
+            ratios[name] = {
+                f"{k}_ours_over_peer": o[f"arm64_instructions_per_{k}_token"] / p[f"arm64_instructions_per_{k}_token"]
+                for k in ("prefill", "decoded")
+            }
+    doc = {
+        "what": "executed ARM64 instructions per token, emulated Cortex-A76 (QEMU user mode), one thread",
+        "model": json.loads((ROOT / ".peers/work/hf/config.json").read_text()),
+        "prompt_len": a.prompt_len,
+        "decode_steps": a.decode_steps,
+        "emulator": {"qemu": emu.QEMU_PLUGGABLE, "cpu": emu.QEMU_CPU} | emu.build_info(),
+        "artifacts": results,
+        "ratios": ratios,
+    }
+    a.out.write_text(json.dumps(doc, indent=2) + "\n")
+    from benchmarks.render import render_file
+
+    print(render_file(a.out)[0])
+
+
+if __name__ == "__main__":
+    main()

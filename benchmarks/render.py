@@ -384,23 +384,40 @@ def emulator_lines(e: dict | None, ins: dict | None) -> list[str]:
     if e:
         out += ["## Emulator", "", *kv_table([(k, v) for k, v in e.items()]), ""]
     for arch, i in (ins or {}).items():
+        if "skipped" in i:
+            out += [f"## Executed {arch} instructions", "", f"Not counted: {i['skipped']}", ""]
+            continue
         per = next((v for k, v in i.items() if k.endswith("_per_decoded_token")), None)
+        pre = next((v for k, v in i.items() if k.endswith("_per_prefill_token")), None)
         pairs = [
             ("instructions per decoded token", num(per, ",.0f")),
+            ("instructions per prefill token", num(pre, ",.0f")),
             ("tool", i.get("tool", DASH)),
             ("context, threads", f"{num(i.get('context'))}, {num(i.get('threads'))}"),
-            ("decode steps of the two runs (`decode_steps`)", " and ".join(map(str, i.get("decode_steps", [])))),
-            ("instructions of the two runs (`runs_total`)", " and ".join(f"{x:,}" for x in i.get("runs_total", []))),
         ]
-        out += [
-            f"## Executed {arch} instructions",
-            "",
-            "The difference of two runs that differ only in decode steps, divided by that difference: start-up, load "
-            "and prefill cancel.",
-            "",
-            *kv_table(pairs),
-            "",
-        ]
+        if "runs" in i:  # one prefill + decode steps per run: (1, 1), (P, 1), (P, 1 + g)
+            pairs += [
+                (f"run: prompt {r['prompt']}, {r['decode_steps']} decode steps", f"{r['instructions']:,}")
+                for r in i["runs"]
+            ]
+            why = (
+                "Three runs, each one prefill then decode steps in a fresh process: (1, 1), (P, 1), (P, 1 + g). "
+                "Start-up, load and one-time setup cancel in the differences: per prefill token (B - A) / (P - 1), "
+                "per decoded token (C - B) / g."
+            )
+        else:
+            pairs += [
+                ("decode steps of the two runs (`decode_steps`)", " and ".join(map(str, i.get("decode_steps", [])))),
+                (
+                    "instructions of the two runs (`runs_total`)",
+                    " and ".join(f"{x:,}" for x in i.get("runs_total", [])),
+                ),
+            ]
+            why = (
+                "The difference of two runs that differ only in decode steps, divided by that difference: start-up, "
+                "load and prefill cancel."
+            )
+        out += [f"## Executed {arch} instructions", "", why, "", *kv_table(pairs), ""]
     return out
 
 
@@ -500,11 +517,20 @@ def render_peers(name: str, d: dict) -> str:
             else:
                 rows.append([*head, *cells(r, PEER_COLS)])
     lines += ["## Runs", "", *table(header, rows), ""]
+    carried = [k for k, b in bench.items() if b.get("carried_over_from")]
+    carried += [f"export {k}" for k, e in ex.items() if e.get("carried_over_from")]
+    if carried:
+        lines += [
+            "Carried over from an earlier run, not measured in this one (`carried_over_from` in the JSON): "
+            + ", ".join(carried)
+            + ".",
+            "",
+        ]
 
     rows = []
     for r in d.get("ratios", []):
         if "error" in r:
-            rows.append([r.get("pair"), "", "", f"{r['error']}", "", "", "", "", ""])
+            rows.append([r.get("pair"), "", "", f"{r['error']}", *[""] * 9])
             continue
         for i, c in enumerate(r.get("per_config") or [{}]):
             first = i == 0
@@ -516,7 +542,10 @@ def render_peers(name: str, d: dict) -> str:
                     num(c.get("decode_tok_s"), ".3f"),
                     num(c.get("decode_tok_s_p50"), ".3f"),
                     num(c.get("prefill_tok_s"), ".3f"),
+                    num(c.get("ttft_ms"), ".3f"),
+                    num(c.get("peak_rss_mb"), ".3f"),
                     num(r.get("size"), ".3f") if first else "",
+                    num(r.get("nodes"), ".3f") if first else "",
                     num(r.get("export_seconds"), ".3f") if first else "",
                     num(r.get("export_peak_rss"), ".3f") if first else "",
                 ]
@@ -525,7 +554,8 @@ def render_peers(name: str, d: dict) -> str:
     lines += [
         "## Ours ÷ peer",
         "",
-        "Above 1: ours is faster (decode, prefill), larger (size) or slower / hungrier to export (export s = ours' "
+        "Above 1: ours is faster (decode, prefill), slower to its first token (TTFT), hungrier at run time (peak "
+        "RSS), larger (size), has more graph nodes (nodes, ONNX) or is slower / hungrier to export (export s = ours' "
         "import-hf + export seconds ÷ the peer's; export RSS = the larger of ours' two peaks ÷ the peer's). "
         f"Pairs (`ratios`): {pairs}.",
         "",
@@ -537,7 +567,10 @@ def render_peers(name: str, d: dict) -> str:
                 "decode",
                 "decode (1 / median step)",
                 "prefill",
+                "TTFT",
+                "peak RSS",
                 "size",
+                "nodes",
                 "export s",
                 "export RSS",
             ],
@@ -719,8 +752,89 @@ def render_generic(name: str, data) -> str:
 # ---------------------------------------------------------------- entry points
 
 
+# ---------------------------------------------------------------- rounding variants (benchmarks/quant_variants.py)
+
+
+def is_quant_variants(data) -> bool:
+    return isinstance(data, dict) and isinstance(data.get("rows"), list) and all("rounding" in r for r in data["rows"])
+
+
+QUANT_COLS = [
+    ("ppl_ratio", "ppl ratio", ".4f"),
+    ("kl_mean", "KL mean", ".4f"),
+    ("kl_p99", "KL p99", ".4f"),
+    ("top1", "top-1", ".4f"),
+    ("interface_err_max", "W·E − I max", ".3g"),
+    ("interface_err_fro", "W·E − I Frobenius", ".3g"),
+    ("round_trip_max_abs", "round trip max", ".3g"),
+    ("round_trip_argmax", "round trip argmax", ".4f"),
+    ("export_wall_s", "export s", ".1f"),
+    ("calibration_s", "of which calibration s", ".1f"),
+    ("load_avg", "load", ".1f"),
+]
+
+
+def render_quant_variants(name: str, d: dict) -> str:
+    lines = banner(name, "Rounding variants of the 4-bit presets, PIT and tied")
+    lines += [
+        "Written by `benchmarks/quant_variants.py`: each row is an artifact exported through the target's real backend "
+        "and validated through its runtime against the training graph on "
+        f"{d.get('windows')} held-out windows (`windows`). rounding: `rtn` = the backend's round to nearest; `gptq` = "
+        "the V × d tables GPTQ-rounded on the backend's grid; `gptq-all` = every 4-bit weight. Calibration reads "
+        "training-split text only. MB = `model_bytes` / 10^6; off grid = weights whose backend codes differ from "
+        "GPTQ's (`off_grid`); load = the host's 1-minute load average after the row (`load_avg`), shared 2-core host.",
+        "",
+    ]
+    header = ["target", "model", "layout", "scheme", "rounding", "MB", "passed", "off grid"]
+    header += [h for _, h, _ in QUANT_COLS]
+    body = []
+    for r in d["rows"]:
+        row = [r.get("target"), r.get("model"), r.get("layout"), r.get("scheme"), r.get("rounding")]
+        row += [mb(r.get("model_bytes"), ".3f"), "yes" if r.get("passed") else "**no**", num(r.get("off_grid"))]
+        body.append(row + cells(r, QUANT_COLS))
+    return "\n".join(lines + table(header, body)) + "\n"
+
+
+# ---------------------------------------------------------------- ARM64 instruction counts beside the peers
+# (benchmarks/emu/count_peers.py)
+
+
+def is_peers_arm64(d) -> bool:
+    return isinstance(d, dict) and "artifacts" in d and "ratios" in d and "decode_steps" in d
+
+
+def render_peers_arm64(name: str, d: dict) -> str:
+    lines = banner(name, "Executed ARM64 instructions per token: ours beside the peers")
+    lines += [
+        f"{d['what']}; prompt of {d['prompt_len']} fixed ids (`prompt_len`), {d['decode_steps']} decode steps after "
+        "the first (`decode_steps`). Per prefill token = (count(P, 1) − count(1, 1)) / (P − 1); per decoded token = "
+        "(count(P, 1 + g) − count(P, 1)) / g: start-up, load and one-time setup cancel. Counts do not depend on "
+        "emulation speed or the host's load. Written by `benchmarks/emu/count_peers.py`.",
+        "",
+    ]
+    rows = []
+    for label, r in d["artifacts"].items():
+        if "missing" in r:
+            rows.append([label, DASH, DASH, f"{r['what']} — {r['missing']}"])
+        else:
+            pre, dec = r["arm64_instructions_per_prefill_token"], r["arm64_instructions_per_decoded_token"]
+            rows.append([label, num(pre / 1e6, ".3f"), num(dec / 1e6, ".3f"), r["what"]])
+    lines += table(["artifact", "M instructions / prefill token", "M instructions / decoded token", "what"], rows)
+    ratios = [
+        [k, num(q["prefill_ours_over_peer"], ".3f"), num(q["decoded_ours_over_peer"], ".3f")]
+        for k, q in d["ratios"].items()
+    ]
+    if ratios:
+        lines += ["", *table(["runtime", "ours / peer, prefill", "ours / peer, decode"], ratios)]
+    return "\n".join(lines).rstrip() + "\n"
+
+
 def render(name: str, data) -> str:
     """The markdown for one parsed results JSON named `name` (the file's stem)."""
+    if is_peers_arm64(data):
+        return render_peers_arm64(name, data)
+    if is_quant_variants(data):
+        return render_quant_variants(name, data)
     if is_artifact_table(data):
         return render_artifacts(name, data)
     if is_bench(data):

@@ -41,6 +41,25 @@ CkptArg = Annotated[
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout.")]
 ThreadsOpt = Annotated[int, typer.Option(help="CPU threads for the runtimes.")]
+EvalTextOpt = Annotated[
+    Path | None,
+    typer.Option(
+        help="Plain-text file (UTF-8) scored instead of the shipped held-out split, tokenized with the model's "
+        "tokenizer; the report names it and its sha256."
+    ),
+]
+
+
+def _eval_text(c, text: Path | None, n_windows: int) -> str | None:
+    """--eval-text checked before any work: readable, long enough for the windows asked for (exit 2 if not)."""
+    if text is None:
+        return None
+    from pit_export.validate import heldout
+
+    heldout(c, str(text), n_windows)
+    return str(text)
+
+
 ForceOpt = Annotated[
     bool, typer.Option("--force", help="Replace an existing output folder that pit-export wrote (never other files).")
 ]
@@ -201,10 +220,20 @@ def validate(
     scheme: Annotated[
         str | None, typer.Option(help="Gate set (fp32, fp16, int8, 8da4w, int4, palettize4); default: the artifact's.")
     ] = None,
-    n_windows: Annotated[int, typer.Option(help="Held-out windows for logits and perplexity.")] = 8,
+    n_windows: Annotated[
+        int | None, typer.Option(help="Held-out windows for logits and perplexity (default 8; 2 on arm64-emu).")
+    ] = None,
     n_greedy: Annotated[int, typer.Option(help="Greedy tokens compared.")] = 64,
     gates: Annotated[Path | None, typer.Option(help="JSON gate overrides (see export --help).")] = None,
+    eval_text: EvalTextOpt = None,
     threads: ThreadsOpt = 2,
+    where: Annotated[
+        str,
+        typer.Option(
+            help="host | arm64-emu: run each artifact's runtime on emulated ARM64 (QEMU, `make emu`), the same "
+            "metrics and gates."
+        ),
+    ] = "host",
     json_out: JsonOpt = False,
 ):
     """Compare artifacts (or in-memory folds) with the training graph; exit 3 if a gate fails."""
@@ -216,9 +245,23 @@ def validate(
     from pit_export.validate import load_gates
 
     table = load_gates(gates) if gates else None
+    # --- where: the artifacts' runtimes on this host, or inside the emulated ARM64 root (pit_export/emu.py)
+    if where not in ("host", "arm64-emu"):
+        raise BadInput(f"--where must be host or arm64-emu, got {where!r}")
+    if where == "arm64-emu":
+        from pit_export import emu
+
+        if not artifact:
+            raise BadInput("--where arm64-emu validates artifact folders: give --artifact")
+        for a in artifact:  # missing QEMU, root or runtime layer: exit 4 before the reference is recorded
+            emu.root(emu.backend_of(a))
+        open_session = emu.open_session  # noqa: F811
+    n_windows = n_windows or (2 if where == "arm64-emu" else 8)
+    # ---
     for a in artifact or ():  # before the reference is recorded: a bad artifact config fails in milliseconds
         artifact_config(a)
     c = _load(ckpt)
+    text = _eval_text(c, eval_text, n_windows)
     if artifact:
         targets = [(str(a), lambda a=a: open_session(a, threads=threads)) for a in artifact]
     else:
@@ -232,7 +275,7 @@ def validate(
         targets = [(f"fold {n}", lambda n=n: FoldedSession(fold(c, n)[0], threads)) for n in names]
     from pit_export.validate import ValidateConfig
 
-    cfg = ValidateConfig(n_windows=n_windows, n_greedy=n_greedy)
+    cfg = ValidateConfig(n_windows=n_windows, n_greedy=n_greedy, eval_text=text)
     results = _validate_sessions(c, targets, scheme, cfg, threads, json_out, table, bool(artifact))
     _emit(
         {"checkpoint": str(ckpt), "results": [r.to_dict() for r in results], "passed": all(r.passed for r in results)},
@@ -302,6 +345,10 @@ def export_cmd(
     embedding_bits: Annotated[
         int | None, typer.Option(help="Embedding table bits: 4, 8, or 0 for float (default: the preset's).")
     ] = None,
+    rounding: Annotated[
+        str | None,
+        typer.Option(help="4-bit rounding: rtn | gptq (tables) | gptq-all (default: the preset's; rtn with --scheme)."),
+    ] = None,
     gates: Annotated[
         Path | None, typer.Option(help='JSON gate overrides, e.g. {"int4": {"ppl_ratio": ["<=", 1.02]}}.')
     ] = None,
@@ -315,6 +362,7 @@ def export_cmd(
     force: ForceOpt = False,
     n_windows: Annotated[int, typer.Option(help="Held-out windows for validation.")] = 8,
     n_greedy: Annotated[int, typer.Option(help="Greedy tokens compared.")] = 64,
+    eval_text: EvalTextOpt = None,
     threads: ThreadsOpt = 2,
     json_out: JsonOpt = False,
 ):
@@ -328,6 +376,7 @@ def export_cmd(
         scheme=scheme,
         layout=layout,
         embedding_bits=embedding_bits,
+        rounding=rounding,
         gates=load_gates(gates) if gates else None,
         n_windows=n_windows,
         n_greedy=n_greedy,
@@ -337,8 +386,9 @@ def export_cmd(
         validate=check,
     )
     pipeline.check_options(opts)
-    _check_out(out_dir, force, ckpt, baseline, gates)
+    _check_out(out_dir, force, ckpt, baseline, gates, eval_text)
     c = _load(ckpt)
+    opts.eval_text = _eval_text(c, eval_text, n_windows) if check else None
     opts.baseline = _load(baseline) if baseline else None
     with progress(not json_out) as p:
         tasks = {}
@@ -539,26 +589,43 @@ def train(
 
 @app.command("import-hf")
 def import_hf_cmd(
-    src: Annotated[
-        Path, typer.Argument(help="Local HF Llama-family folder (config.json, *.safetensors, tokenizer.json).")
-    ],
+    src: Annotated[Path, typer.Argument(help="Local HF folder (config.json, *.safetensors, tokenizer.json).")],
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="PIT checkpoint folder to write.")],
     init: Annotated[str, typer.Option(help="T: identity | input (embeddings exact) | output (head exact).")] = "output",
     max_seq_len: Annotated[int, typer.Option(help="Context of the imported model (capped by the teacher's).")] = 512,
     n_windows: Annotated[int, typer.Option(help="Held-out windows for the teacher-vs-PIT KL.")] = 4,
+    eval_text: EvalTextOpt = None,
+    pit_z: Annotated[
+        str | None, typer.Option(help="A PIT model in HF layout: Z's tensor name (found as pit.z when not given).")
+    ] = None,
+    pit_l: Annotated[str | None, typer.Option(help="L, the lower-triangular factor (found as pit.l).")] = None,
+    pit_l_strict: Annotated[
+        str | None, typer.Option(help="L as strict-lower part (with --pit-l-log-diag; found as pit.l_strict).")
+    ] = None,
+    pit_l_log_diag: Annotated[str | None, typer.Option(help="L's log-diagonal (found as pit.l_log_diag).")] = None,
     threads: ThreadsOpt = 2,
     force: ForceOpt = False,
     json_out: JsonOpt = False,
 ):
-    """Import a Hugging Face Llama-family checkpoint as PIT (polar decomposition of its table) and report the KL."""
+    """Import a Hugging Face checkpoint (Llama-3.x, Mistral, Qwen2.5, Qwen3, Gemma 3, SmolLM3) as PIT: the polar
+    decomposition of its table and the KL to it; or a PIT model in HF layout (Z and L kept, checked)."""
     import torch
 
     from pit_export.hf_import import import_hf
 
-    _check_out(out_dir, force, src)
+    _check_out(out_dir, force, src, eval_text)
     torch.set_num_threads(threads)
+    names = {"z": pit_z, "l": pit_l, "l_strict": pit_l_strict, "l_log_diag": pit_l_log_diag}
     rep = import_hf(
-        src, out_dir, init, max_seq_len, n_windows, progress=lambda m: err.print(f"[dim]{m}[/dim]"), force=force
+        src,
+        out_dir,
+        init,
+        max_seq_len,
+        n_windows,
+        progress=lambda m: err.print(f"[dim]{m}[/dim]"),
+        force=force,
+        eval_text=eval_text,
+        pit_names=names,
     )
     _emit({"out": str(out_dir), **asdict(rep)}, json_out, _kv_table(f"imported {src} -> {out_dir}", asdict(rep)))
 

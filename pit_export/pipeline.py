@@ -37,11 +37,13 @@ class PipelineOptions:
     gates: dict | None = None  # full gate table (validate.load_gates); None: the defaults
     n_windows: int = 8
     n_greedy: int = 64
+    eval_text: str | None = None  # a plain-text file scored instead of the held-out split
     threads: int = 2
     keep_failed: bool = False
     force: bool = False
     validate: bool = True  # False: export only (status "unvalidated"; `pit-export validate` can check later)
     baseline: Checkpoint | None = None  # tied checkpoint exported with the same presets, for the size comparison
+    rounding: str | None = None  # quantize.ROUNDINGS; None: the preset's for its schemes (rtn for an explicit scheme)
 
 
 @dataclass
@@ -91,8 +93,9 @@ def parse_targets(spec: str) -> list[str]:
 def check_options(opts: PipelineOptions) -> None:
     """Names are checked before any work starts."""
     from pit_export.fold import LAYOUTS
-    from pit_export.quantize import get_scheme
+    from pit_export.quantize import check_rounding, get_scheme
 
+    check_rounding(opts.rounding)
     if opts.scheme is not None:
         get_scheme(opts.scheme)
     if opts.layout is not None and opts.layout not in LAYOUTS:
@@ -125,7 +128,7 @@ def run(
     check_options(opts)
     result = RunResult(out, ckpt, [], [], opts)
 
-    vcfg = ValidateConfig(n_windows=opts.n_windows, n_greedy=opts.n_greedy)
+    vcfg = ValidateConfig(n_windows=opts.n_windows, n_greedy=opts.n_greedy, eval_text=opts.eval_text)
 
     def write(tmp: Path):
         # one reference recording per checkpoint and run, shared by every target and every fallback attempt
@@ -141,6 +144,7 @@ def run(
                         continue
                     layout = baseline_layout(a.layout, opts.baseline.config.tying)
                     base = PipelineOptions(**{**opts.__dict__, "scheme": a.scheme.split("+")[0], "layout": layout})
+                    base.rounding = a.manifest.get("rounding")  # the same rounding as the PIT artifact
                     base.embedding_bits = a.manifest.get("embedding_bits")
                     rel = f"{BASELINE}/{a.target}"
                     result.baseline.append(_one_target(opts.baseline, a.target, tmp, rel, base, progress, True, v))
@@ -216,6 +220,7 @@ def _one_target(
                 check if opts.validate else None,
                 release_source=last,
                 folded=folded,
+                rounding=opts.rounding or (None if opts.scheme else preset.rounding),
             )
         except Unavailable as e:
             if not skip_unavailable:

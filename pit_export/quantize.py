@@ -7,7 +7,7 @@ how, in one place: the exporters implement these lines and refuse the schemes ma
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from pit_export.errors import BadInput
 
@@ -21,6 +21,7 @@ class Scheme:
     embedding_bits: int | None = None  # gather table; None = float
     description: str = ""
     backends: tuple[str, ...] | None = None  # the exporters that implement it; None = all
+    calibration: str | None = None  # None: the backend's round to nearest; "table" / "all": GPTQ (ROUNDINGS below)
 
 
 SCHEMES: dict[str, Scheme] = {
@@ -63,7 +64,8 @@ RECIPES: dict[str, dict[str, str | None]] = {
     "int4": {
         "executorch": None,  # XNNPACK lowers 4-bit linears only with dynamic int8 activations: use 8da4w
         "onnx": "MatMulNBits 4-bit, blocks of 32, float compute",
-        "coreml": "linear_quantize_weights int4 per block of 32 (iOS 18 blockwise), weight-only, fp16 activations",
+        "coreml": "linear_quantize_weights int4 per block of 32 (iOS 18 blockwise), weight-only, fp16 activations; "
+        "calibrated rounding also stores the d x d transforms at int8 per channel",
     },
     "fp16": {"executorch": None, "onnx": None, "coreml": "fp16 weights and compute"},
     "palettize4": {
@@ -75,7 +77,8 @@ RECIPES: dict[str, dict[str, str | None]] = {
 # embedding_bits (+embN): the gather table, weight-only 4/8-bit per group of 32 on ExecuTorch (torchao
 # IntxWeightOnly); on ONNX 4-bit only, and only in the untied layout (GatherBlockQuantized; the compact layouts'
 # one table takes the head's precision); not on CoreML (its gather weights follow the scheme).
-# The d x d PIT transforms are never compressed on CoreML (they carry cond(T)); elsewhere they follow the scheme.
+# The d x d PIT transforms stay fp16 on CoreML (they carry cond(T)) except with calibrated rounding (int8 per channel,
+# GPTQ-rounded); fp32 on ExecuTorch; on ONNX they follow the scheme.
 
 
 def recipe(scheme: Scheme | str, backend: str) -> str:
@@ -89,23 +92,63 @@ def recipe(scheme: Scheme | str, backend: str) -> str:
     return meaning
 
 
-def get_scheme(name: str, embedding_bits: int | None = None) -> Scheme:
-    if name not in SCHEMES:
+# Rounding, an option of every scheme with 4-bit weights: "rtn" (each backend's round to nearest) or GPTQ on
+# training-split activations, producing weights that lie on the backend's own grid so that its round to nearest stores
+# GPTQ's codes (calibrate.py). It is not part of the scheme's name (the format, what the gates key on): artifacts
+# record it as "rounding". A name may carry it as a suffix: 8da4w+gptq-all.
+ROUNDINGS = {
+    "rtn": None,
+    "gptq": "table",  # the V x d tables (head and embedding) only
+    "gptq-all": "all",  # every 4-bit weight: tables and body linears (and the d x d transforms where quantized)
+}
+
+
+def get_scheme(name: str, embedding_bits: int | None = None, rounding: str | None = None) -> Scheme:
+    """A scheme by name: BASE[+embN][+ROUNDING]; embedding_bits and rounding, when given, take precedence over the
+    name's suffixes. A rounding other than rtn needs a 4-bit weight to act on (BadInput otherwise)."""
+    base, *suffixes = name.split("+")
+    if base not in SCHEMES:
         raise BadInput(f"unknown scheme {name!r} (choose from {', '.join(SCHEMES)})")
+    for suffix in suffixes:
+        if suffix in ROUNDINGS:
+            rounding = rounding or suffix
+        elif suffix in ("emb4", "emb8"):
+            embedding_bits = embedding_bits if embedding_bits is not None else int(suffix[3:])
+        else:
+            raise BadInput(f"unknown scheme option {suffix!r} in {name!r} (emb4, emb8, {', '.join(ROUNDINGS)})")
     if embedding_bits not in (None, 4, 8):
         raise BadInput(f"embedding bits must be 4 or 8, got {embedding_bits}")
-    s = SCHEMES[name]
-    if embedding_bits is None:
-        return s
-    return Scheme(
-        f"{s.name}+emb{embedding_bits}",
-        s.linear_bits,
-        s.activations,
-        s.group_size,
-        embedding_bits,
-        s.description + f", {embedding_bits}-bit embedding",
-        s.backends,
-    )
+    check_rounding(rounding)
+    s = SCHEMES[base]
+    calibration = ROUNDINGS[rounding or "rtn"]
+    if calibration is not None and not has_4bit(s, embedding_bits):
+        raise BadInput(f"rounding {rounding} applies to 4-bit weights on a uniform grid: scheme {name} has none")
+    if embedding_bits is not None:
+        s = Scheme(
+            f"{s.name}+emb{embedding_bits}",
+            s.linear_bits,
+            s.activations,
+            s.group_size,
+            embedding_bits,
+            s.description + f", {embedding_bits}-bit embedding",
+            s.backends,
+        )
+    return replace(s, calibration=calibration) if calibration else s
+
+
+def has_4bit(s: Scheme, embedding_bits: int | None = None) -> bool:
+    """Whether the scheme has 4-bit weights on a uniform grid for GPTQ (palettize4: k-means tables, no grid)."""
+    linear = s.linear_bits == 4 and s.name.split("+")[0] != "palettize4"
+    return linear or (embedding_bits or s.embedding_bits) == 4
+
+
+def check_rounding(rounding: str | None) -> None:
+    if rounding is not None and rounding not in ROUNDINGS:
+        raise BadInput(f"unknown rounding {rounding!r} (choose from {', '.join(ROUNDINGS)})")
+
+
+def rounding_name(s: Scheme) -> str:
+    return next(k for k, v in ROUNDINGS.items() if v == s.calibration)
 
 
 def gate_key(scheme_name: str) -> str:

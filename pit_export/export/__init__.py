@@ -24,7 +24,7 @@ from pit_export.errors import BadInput, Unavailable
 from pit_export.fold import fold
 from pit_export.memory import release_file_pages, release_memory
 from pit_export.models.checkpoint import CONFIG, MARKER, TOKENIZER, WEIGHTS, Checkpoint, atomic_dir, file_sha256
-from pit_export.quantize import get_scheme, recipe
+from pit_export.quantize import get_scheme, has_4bit, recipe, rounding_name
 
 META = "pit_export.json"
 
@@ -38,6 +38,7 @@ class Target:
     description: str
     embedding_bits: int | None = None  # default gather-table quantization
     fallbacks: tuple[str, ...] = ()  # schemes the pipeline tries, in order, when the default fails its gates
+    rounding: str = "rtn"  # quantize.ROUNDINGS: how the preset's 4-bit schemes round (not an explicit --scheme)
 
 
 # Presets; the README's "Target presets" table gives the measurements behind each choice.
@@ -52,6 +53,7 @@ TARGETS: dict[str, Target] = {
             "ExecuTorch .pte lowered to XNNPACK (Android / ARM CPUs)",
             embedding_bits=4,
             fallbacks=("int8",),
+            rounding="gptq-all",  # docs/measurements.md, "Calibrated rounding"
         ),
         Target(
             "onnx-cpu",
@@ -60,6 +62,7 @@ TARGETS: dict[str, Target] = {
             "shared-z",
             "ONNX Runtime CPU / mobile, onnxruntime-genai folder",
             fallbacks=("int4", "int8"),
+            rounding="gptq-all",
         ),
         Target(
             "ios",
@@ -68,6 +71,7 @@ TARGETS: dict[str, Target] = {
             "shared-z",
             "CoreML .mlpackage (iOS 18+), fp16 compute, KV cache as state",
             fallbacks=("int8",),
+            rounding="gptq-all",
         ),
     )
 }
@@ -103,9 +107,12 @@ def export_artifact(
     check=None,
     release_source: bool = False,
     folded=None,
+    rounding: str | None = None,
 ) -> dict:
     """Fold, export and write pit_export.json; returns the manifest.
 
+    `rounding` (quantize.ROUNDINGS): None = the scheme name's suffix if any, else the target preset's when the scheme
+    is the preset's own (scheme None); a preset's calibrated rounding is dropped for a scheme without 4-bit weights.
     `check(folder) -> dict` runs on the finished temporary folder (validation); its result lands in the manifest.
     If it raises (a failed gate), nothing is written: `out` appears only complete and checked.
     `folded`: (FoldedWeights, FoldReport) of this checkpoint and layout from an earlier attempt, reused instead of
@@ -116,6 +123,11 @@ def export_artifact(
         raise BadInput(f"unknown target {target!r} (choose from {', '.join(TARGETS)})")
     t = TARGETS[target]
     sch = get_scheme(scheme or t.scheme, embedding_bits)
+    # -- rounding (calibrate.py): explicit, else the preset's for its own scheme
+    if rounding is None and scheme is None:
+        rounding = t.rounding
+    if rounding is not None and (rounding == "rtn" or has_4bit(sch)):
+        sch = get_scheme(sch.name, embedding_bits, rounding)
     layout = layout or t.layout
     recipe(sch, t.backend)  # BadInput where this backend does not implement the scheme (quantize.RECIPES)
     if importlib.util.find_spec(f"{__name__}.{t.backend}") is None:
@@ -130,6 +142,15 @@ def export_artifact(
     else:
         progress(f"fold ({layout})")
         fw, fold_report = fold(ckpt, layout)
+    # -- calibrated rounding (pit_export/calibrate.py): the weights arrive on the backend's grid, which its own
+    # quantizer then reproduces
+    calibration = None
+    if sch.calibration is not None:
+        from pit_export import calibrate
+
+        progress(f"calibrate ({sch.calibration}): GPTQ on training-split text")
+        fw, calibration = calibrate.apply(fw, ckpt.model, ckpt.tokenizer, sch, t.backend)
+    # -- end calibrated rounding
     if release_source:
         dead = list(ckpt.model.state_dict().values())
         ckpt.model = None
@@ -139,7 +160,8 @@ def export_artifact(
     manifest: dict = {}
 
     def write(tmp: Path):
-        extra = backend.export(fw, sch, tmp, ckpt, progress)  # fw is single-use: a backend may release() it
+        # fw is single-use: a backend may release() it
+        extra = backend.export(fw, sch, tmp, ckpt, progress)
         ckpt.tokenizer.save(str(tmp / TOKENIZER))
         (tmp / CONFIG).write_text(ckpt.config.to_json())
         manifest.update(
@@ -149,6 +171,8 @@ def export_artifact(
                 "scheme": sch.name,
                 "layout": layout,
                 "embedding_bits": sch.embedding_bits,
+                "rounding": rounding_name(sch),
+                **({"calibration": calibration} if calibration is not None else {}),
                 "source": {"path": str(ckpt.path), "sha256": file_sha256(ckpt.path / WEIGHTS)},
                 "fold_report": asdict(fold_report),
                 "tools": tool_versions(),

@@ -167,7 +167,12 @@ def compression_config(scheme: Scheme, model):
             num_kmeans_workers=1,
         )
     # const names come from the traced parameter names; compression reads them from the saved program (its spec)
-    skip = {name: None for name in const_names(model.get_spec()) if "head_proj" in name or "embed_proj" in name}
+    # the d x d transforms stay fp16, except under calibrated rounding (pit_export/calibrate.py), which rounds them on
+    # the int8 per-channel grid: the compact layout then costs what a tied model does (docs/measurements.md)
+    dxd = None
+    if getattr(scheme, "calibration", None) and scheme.name == "int4":
+        dxd = cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8", granularity="per_channel")
+    skip = {name: dxd for name in const_names(model.get_spec()) if "head_proj" in name or "embed_proj" in name}
     return cto.OptimizationConfig(op_type_configs={t: op for t in ("linear", "matmul", "gather")}, op_name_configs=skip)
 
 

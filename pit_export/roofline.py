@@ -116,7 +116,7 @@ def weight_split(folder: Path, meta: dict) -> tuple[int, int]:
 
 
 def kv_bytes(cfg: dict, context: int) -> int:
-    head_dim = cfg["dim"] // cfg["n_heads"]
+    head_dim = cfg.get("head_size") or cfg["dim"] // cfg["n_heads"]
     return cfg["n_layers"] * 2 * cfg["n_kv_heads"] * head_dim * 4 * context
 
 

@@ -4,6 +4,7 @@ relations that hold at any speed (the traced kernels of a step run inside that s
 
 import dataclasses
 import json
+import math
 import shutil
 import tempfile
 from pathlib import Path
@@ -48,10 +49,15 @@ def kv_per_position(onnx_untied):
     sess = open_session(onnx_untied, threads=1)
     try:
         sess.prefill(prompt_tokens(16, sess.vocab_size), 0)
-        total = sum(p.nbytes for p in sess.inner.past)
+        inner = sess.inner
+        if inner.shared_buffer:  # the fused graph: one K/V buffer per layer, [1, H_kv, capacity, hd] fp32
+            per_position = sum(4 * math.prod(b.shape()) // b.shape()[2] for b in inner.buffers)
+            assert per_position > 0 and all(b.shape()[2] >= 16 for b in inner.buffers)
+            return per_position
+        total = sum(p.nbytes for p in inner.past)
     finally:
         sess.close()
-    assert total % 16 == 0
+    assert total % 16 == 0 and total > 0
     return total // 16
 
 

@@ -74,11 +74,15 @@ class ModelConfig:
 
     @property
     def rope_kinds(self) -> list[str]:
-        return sorted({k for i in range(self.n_layers) if (k := self.rope_kind(i))})
+        """The RoPE tables some layer reads. O(1) without layer_types: a config is sized before its layer count is
+        checked against the weights."""
+        if self.layer_types is None:
+            return ["global"] if len(set(self.nope_layers)) < self.n_layers else []
+        return sorted({k for i in range(len(self.layer_types)) if (k := self.rope_kind(i))})
 
     @property
     def has_sliding(self) -> bool:
-        return any(self.sliding(i) for i in range(self.n_layers))
+        return self.layer_types is not None and "sliding" in self.layer_types
 
     def validate(self) -> None:
         for f in fields(self):

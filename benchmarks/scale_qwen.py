@@ -114,8 +114,9 @@ def main(argv=None):
         kept = {r["stage"]: r for r in json.loads(a.out.read_text()).get("stages", [])}
     records = []
     for name, cmd, args, env in stages:
-        if only is not None and name not in only and name in kept:
-            records.append(kept[name])
+        if only is not None and name not in only:
+            if name in kept:
+                records.append(kept[name])
             continue
         if cmd is builder and not Path(builder[0]).is_file():
             records.append({"stage": name, "rc": None, "skipped": "no onnxruntime-genai venv (make peers)"})

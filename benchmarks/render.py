@@ -627,12 +627,25 @@ PARITY_ROWS = [
 
 def render_scale(name: str, d: dict) -> str:
     ck = d.get("fp32_checkpoint_mb")
-    lines = banner(name, "Scale run: SmolLM2-135M configuration through import → fold → export → validate")
+    model = str(d.get("model") or "").split(",")[0]
+    lines = banner(name, f"Scale run: {model} through import → export → validate")
+    script = (
+        "benchmarks/scale_qwen.py" if "deployed_bytes" in d else "benchmarks/scale.py (also run by `make test-slow`)"
+    )
     lines += [
         f"Model: {d.get('model')}; {model_line(d.get('config'))}. Imported with `max_seq_len` "
-        f"{num(d.get('max_seq_len'))}. Written by `benchmarks/scale.py` (also run by `make test-slow`).",
+        f"{num(d.get('max_seq_len'))}. Written by `{script}`.",
         "",
     ]
+    sizes = d.get("deployed_bytes") or {}
+    if sizes:
+        rows = [[k, mb(v, ".1f")] for k, v in sizes.items()]
+        lines += [
+            "## Deployed sizes (`deployed_bytes`: graph + weights a runtime loads)",
+            "",
+            *table(["artifact", "MB"], rows),
+        ]
+        lines += ["", f"PIT compact ÷ builder's tied export: {num(d.get('pit_compact_over_builder'), '.4f')}", ""]
     pairs = [
         ("fp32 checkpoint MiB (`fp32_checkpoint_mb`)", num(ck, ".1f")),
         ("memory budget MiB (`rss_budget_mb`)", num(d.get("rss_budget_mb"), ".1f")),

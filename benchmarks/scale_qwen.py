@@ -134,7 +134,8 @@ def main(argv=None):
     fp32 = next((r for r in records if r["stage"].startswith("export onnx-cpu fp32") and "result" in r), None)
     report = {
         "model": "Qwen2.5-0.5B configuration, random init (transformers Qwen2ForCausalLM), tied",
-        "config": QWEN25_05B,
+        "config": json.loads((pit / "config.json").read_text()) if (pit / "config.json").is_file() else None,
+        "hf_config": QWEN25_05B,
         "max_seq_len": a.max_seq_len,
         "fp32_checkpoint_mb": round(ckpt_bytes / 2**20, 1),
         "rss_budget_mb": round(budget_mb, 1),

@@ -42,7 +42,7 @@ from pit_export.compat.onnxscript import forget_matched_graphs
 from pit_export.decoder import CachedAttention, Decoder, FoldedWeights
 from pit_export.errors import BadInput
 from pit_export.export import onnx_fused
-from pit_export.export.onnx_fused import fused_supports
+from pit_export.export.onnx_fused import fused_supports, kv_names
 from pit_export.memory import FORK_ABOVE_BYTES, release_memory, run_forked
 from pit_export.models.checkpoint import scratch_dir
 from pit_export.models.pit import allowed
@@ -56,11 +56,6 @@ EMB_OUT, HEAD_IN, LOGITS = "embeddings", "final_hidden", "logits"
 HEAD_OUT = "head_logits"  # the head's output where logit soft-capping follows it
 BLOCK = 32
 MASK_MIN = torch.finfo(torch.float32).min  # finite: a fully padded row must not turn into NaN
-
-
-def kv_names(n_layers: int) -> tuple[list[str], list[str]]:
-    past = [f"past_key_values.{i}.{kv}" for i in range(n_layers) for kv in ("key", "value")]
-    return past, [p.replace("past_key_values", "present") for p in past]
 
 
 class ConcatAttention(CachedAttention):
@@ -306,7 +301,10 @@ def write_probes(out: Path, d: int, inv_gain: np.ndarray) -> None:
     onnx.save(_subgraph(model, [hidden], [head_out], "unembed", pre), out / UNEMBED)
 
 
-def genai_config(fw: FoldedWeights, ckpt) -> dict:
+def genai_config(fw: FoldedWeights, ckpt, fused: bool = False) -> dict:
+    """genai_config.json. The traced graph takes position_ids and returns present = concat(past, new), a new buffer
+    each step; the fused graph (onnx_fused) derives positions from the mask and writes one shared past/present buffer
+    of max_length in place (past_present_share_buffer)."""
     cfg = fw.cfg
     past, present = kv_names(cfg.n_layers)
     pad = ckpt.tokenizer.token_to_id("<|pad|>") if ckpt is not None else None
@@ -329,7 +327,7 @@ def genai_config(fw: FoldedWeights, ckpt) -> dict:
                 "inputs": {
                     "input_ids": "input_ids",
                     "attention_mask": "attention_mask",
-                    "position_ids": "position_ids",
+                    **({} if fused else {"position_ids": "position_ids"}),
                     "past_key_names": past[0].replace(".0.", ".%d."),
                     "past_value_names": past[1].replace(".0.", ".%d."),
                 },
@@ -340,8 +338,7 @@ def genai_config(fw: FoldedWeights, ckpt) -> dict:
                 },
             },
         },
-        # present = concat(past, new) is a new buffer each step: the shared-buffer mode needs in-place attention
-        "search": {"max_length": cfg.max_seq_len, "past_present_share_buffer": False, "do_sample": False},
+        "search": {"max_length": cfg.max_seq_len, "past_present_share_buffer": fused, "do_sample": False},
     }
 
 
@@ -471,7 +468,7 @@ def export(fw: FoldedWeights, scheme: Scheme, out: Path, ckpt, progress=lambda m
     t0 = time.perf_counter()
     write_probes(out, cfg.dim, inv_gain)
     fused = fused_supports(cfg)  # graph selection (see write_model): the fused graph has its own genai interface
-    gcfg = onnx_fused.genai_config(fw, ckpt, MODEL, LOGITS) if fused else genai_config(fw, ckpt)
+    gcfg = genai_config(fw, ckpt, fused)
     (out / "genai_config.json").write_text(json.dumps(gcfg, indent=2))
     if ckpt is not None:
         (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(ckpt, cfg), indent=2))

@@ -36,13 +36,12 @@ from pit_export.errors import BadInput
 TABLES = ("table.weight", "tok_embeddings.weight", "output.weight")
 TRANSFORMS = ("head_proj.weight", "embed_proj.weight")
 MODES = ("table", "all")  # what GPTQ rounds: the V x d tables only, or every 4-bit weight
-QUANTIZED_TRANSFORMS = ("onnx",)  # backends that quantize the d x d transforms with the scheme (the others keep float)
 
 
 @dataclass(frozen=True)
 class CalibrationConfig:
     mode: str = "table"  # "table" | "all"
-    n_windows: int = 32
+    n_windows: int = 64  # 32 -> 64: KL -4 % (PIT), -1 % (tied) on pit-tiny's onnx-cpu preset; 128: no gain
     window_len: int = 256  # capped at the model's context
     damp: float = 0.01  # ridge on H, relative to its mean diagonal
     act_order: bool = True  # columns in decreasing H_jj (the groups' scales stay those of the original weights)
@@ -277,8 +276,8 @@ def embedding_fisher(model, windows: torch.Tensor) -> torch.Tensor:
 
 
 def quantized_weights(fw: FoldedWeights, scheme, backend: str, mode: str) -> dict[str, int]:
-    """name -> bits of the weights `backend` quantizes under `scheme` (4-bit groups of 32; 8 = per output channel,
-    CoreML's calibrated d x d transforms) whose grid is known here; the V x d tables first."""
+    """name -> bits of the weights `backend` quantizes under `scheme` (groups of 32; 8 = CoreML's calibrated d x d
+    transforms) whose grid is known here; the V x d tables first."""
     out: dict[str, int] = {}
     if scheme.linear_bits == 4:
         if mode == "all":
@@ -288,8 +287,6 @@ def quantized_weights(fw: FoldedWeights, scheme, backend: str, mode: str) -> dic
         for k in ("table.weight", "output.weight"):
             if k in fw.tensors:
                 out[k] = 4
-        if backend in QUANTIZED_TRANSFORMS and mode == "all":  # ONNX quantizes the d x d transforms (MatMulNBits)
-            out.update({k: 4 for k in TRANSFORMS if k in fw.tensors})
     emb = "tok_embeddings.weight"
     if emb in fw.tensors:
         if backend in ("executorch", "onnx") and scheme.embedding_bits == 4:  # ONNX: GatherBlockQuantized, same grid
@@ -299,12 +296,12 @@ def quantized_weights(fw: FoldedWeights, scheme, backend: str, mode: str) -> dic
     if backend == "executorch" and "table.weight" in fw.tensors and scheme.embedding_bits not in (None, 4):
         out.pop("table.weight", None)  # read by an 8-bit gather too: one table cannot sit on both grids
     if backend == "coreml" and scheme.calibration and scheme.linear_bits == 4:
-        out.update({k: 8 for k in TRANSFORMS if k in fw.tensors})  # export/coreml.py: int8 per channel when calibrated
+        out.update({k: 8 for k in TRANSFORMS if k in fw.tensors})  # export/coreml.py: int8 blocks of 32, calibrated
     return dict(sorted(out.items(), key=lambda kv: kv[0] not in TABLES))
 
 
 def group_of(bits: int, w: torch.Tensor) -> int:
-    return 32 if bits == 4 else w.shape[1]  # 8-bit here is per output channel: one group per row
+    return 32  # 4-bit tables and linears, and CoreML's calibrated 8-bit d x d transforms: blocks of 32 columns
 
 
 def apply(
@@ -348,11 +345,11 @@ def apply(
 
     for name in (k for k in targets if k in TABLES):
         round_one(name, targets[name])
-    if fw.layout == "shared-z" and "table.weight" in targets and backend not in QUANTIZED_TRANSFORMS:
+    if fw.layout == "shared-z" and "table.weight" in targets:
         # re-fit the embedding's map to the rounded table so that the deployed interface is exact again, W E = I (no
-        # cost in KL, measured), before the map's own rounding where the backend compresses it. Fitted to the float
-        # head transform: fitted to its rounded value (or where the transforms are 4-bit) the map inherits that
-        # rounding error amplified by cond(T) (KL x2 with int8 transforms on CoreML, x100 with ONNX's 4-bit, measured)
+        # cost in KL, measured), before the map's own rounding where the backend compresses it (8 bits at most). Fitted
+        # to the float head transform: fitted to its rounded value the map inherits that rounding error amplified by
+        # cond(T) (KL x2 with int8 transforms on CoreML, measured)
         source["embed_proj.weight"] = exact_embed_proj(fw, rtn(tensors["table.weight"], backend, 4, 32)).float()
         tensors["embed_proj.weight"] = source["embed_proj.weight"].contiguous()
         summary["refit"] = "embed_proj: W E = I for the rounded table"

@@ -58,12 +58,12 @@ RECIPES: dict[str, dict[str, str | None]] = {
     },
     "8da4w": {
         "executorch": "torchao Int8DynamicActivationIntxWeight: int4 weights per group of 32, dynamic int8 activations",
-        "onnx": "MatMulNBits 4-bit, blocks of 32, accuracy_level 4: int8 compute per block",
+        "onnx": "MatMulNBits 4-bit, blocks of 32, accuracy_level 4: int8 compute per block; d x d transforms 8-bit",
         "coreml": None,  # CoreML has no dynamic int8 activations
     },
     "int4": {
         "executorch": None,  # XNNPACK lowers 4-bit linears only with dynamic int8 activations: use 8da4w
-        "onnx": "MatMulNBits 4-bit, blocks of 32, float compute",
+        "onnx": "MatMulNBits 4-bit, blocks of 32, float compute; d x d transforms 8-bit",
         "coreml": "linear_quantize_weights int4 per block of 32 (iOS 18 blockwise), weight-only, fp16 activations; "
         "calibrated rounding also stores the d x d transforms at int8 per channel",
     },
@@ -78,7 +78,8 @@ RECIPES: dict[str, dict[str, str | None]] = {
 # IntxWeightOnly); on ONNX 4-bit only, and only in the untied layout (GatherBlockQuantized; the compact layouts'
 # one table takes the head's precision); not on CoreML (its gather weights follow the scheme).
 # The d x d PIT transforms stay fp16 on CoreML (they carry cond(T)) except with calibrated rounding (int8 per channel,
-# GPTQ-rounded); fp32 on ExecuTorch; on ONNX they follow the scheme.
+# GPTQ-rounded); fp32 on ExecuTorch; on ONNX 8-bit MatMulNBits blocks of 32 under every quantized scheme (4-bit
+# transforms double the KL of pit-tiny's preset; export/onnx.py transform_nodes).
 
 
 def recipe(scheme: Scheme | str, backend: str) -> str:

@@ -103,7 +103,7 @@ def test_torchao_grid_is_the_executorch_exporters(seed):
 def test_coreml_grid_is_the_saved_programs(tmp_path):
     """What a compressed CoreML function stores (constexpr_blockwise_shift_scale, expanded by the MIL reader) is
     calibrate's deployed weight, to fp16 rounding of scale x code: the shared table (int4, blocks of 32, one const for
-    the gather and the matmul) and, under calibrated rounding, the d x d head transform (int8 per output channel)."""
+    the gather and the matmul) and, under calibrated rounding, the d x d head transform (int8, blocks of 32)."""
     from pit_export.runtimes.milnumpy import load_program
 
     from pit_export.export.coreml import write_function

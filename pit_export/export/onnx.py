@@ -14,14 +14,14 @@ Files written:
     model.ort                     ORT mobile format of model.onnx (weights inside), for onnxruntime-mobile on phones
     genai_config.json, tokenizer_config.json
 
-Quantization (by scheme): every weight MatMul (body, head, d x d transforms) becomes MatMulNBits with block 32:
-int4 = 4-bit weights, float compute; int8 / 8da4w = 8- / 4-bit weights with accuracy_level 4 (activations quantized
-to int8 per block at run time); embedding_bits=4 in the untied layout = GatherBlockQuantized. int8 uses MatMulNBits
-rather than quantize_dynamic: its per-tensor activation scales cost ppl x1.008 on pit-tiny (gate 1.005) where
-per-block int8 costs x1.0004. The compact layouts (shared-z, shared-e) keep ONE V x d table: in fp32 the gather
-reads Transpose(head weight); quantized, a GatherBlockQuantized reads the head's MatMulNBits weight (onnxruntime-genai's
-tied-model layout), so the embedding takes the head's precision. The d x d transforms stay ordinary (quantized)
-MatMuls around that table: PIT is never silently tied.
+Quantization (by scheme): every weight MatMul (body, head, d x d transforms) becomes MatMulNBits with block 32, the d x
+d transforms at 8 bits at least (TRANSFORM_BITS): int4 = 4-bit weights, float compute; int8 / 8da4w = 8- / 4-bit
+weights with accuracy_level 4 (activations quantized to int8 per block at run time); embedding_bits=4 in the untied
+layout = GatherBlockQuantized. int8 uses MatMulNBits rather than quantize_dynamic: its per-tensor activation scales
+cost ppl x1.008 on pit-tiny (gate 1.005) where per-block int8 costs x1.0004. The compact layouts (shared-z, shared-e)
+keep ONE V x d table: in fp32 the gather reads Transpose(head weight); quantized, a GatherBlockQuantized reads the
+head's MatMulNBits weight (onnxruntime-genai's tied-model layout), so the embedding takes the head's precision. The d x
+d transforms stay ordinary (8-bit) MatMuls around that table: PIT is never silently tied.
 """
 
 from __future__ import annotations
@@ -55,6 +55,7 @@ EMBED, UNEMBED = "embed.onnx", "unembed.onnx"
 EMB_OUT, HEAD_IN, LOGITS = "embeddings", "final_hidden", "logits"
 HEAD_OUT = "head_logits"  # the head's output where logit soft-capping follows it
 BLOCK = 32
+TRANSFORM_BITS = 8  # the d x d transforms under every quantized scheme (transform_nodes)
 MASK_MIN = torch.finfo(torch.float32).min  # finite: a fully padded row must not turn into NaN
 
 
@@ -220,13 +221,34 @@ def quantize(model: onnx.ModelProto, scheme: Scheme, layout: str, base_dir: Path
     ops = ("MatMul", "Gather") if layout == "untied" and scheme.embedding_bits else ("MatMul",)
     # accuracy_level 4 = int8 compute on activations quantized per block at run time ("dynamic int8 activations")
     level = 4 if scheme.activations == "int8-dynamic" else None
-    q = MatMulNBitsQuantizer(model, scheme.linear_bits, BLOCK, accuracy_level=level, op_types_to_quantize=ops)
-    q.process()
-    model = q.model.model
+    transforms = transform_nodes(model.graph, layout)
+
+    def run(bits: int, ops: tuple[str, ...], exclude: list[str]) -> onnx.ModelProto:
+        q = MatMulNBitsQuantizer(
+            model, bits, BLOCK, accuracy_level=level, op_types_to_quantize=ops, nodes_to_exclude=exclude
+        )
+        q.process()
+        return q.model.model
+
+    model = run(scheme.linear_bits, ops, transforms)
+    if transforms:  # the only float MatMuls with a weight left
+        model = run(max(scheme.linear_bits, TRANSFORM_BITS), ("MatMul",), [])
     if layout != "untied":
         _share_table(model.graph)
     _toposort(model.graph)
     return model
+
+
+def transform_nodes(g: onnx.GraphProto, layout: str) -> list[str]:
+    """The d x d PIT transforms' MatMuls of a compact layout: embed_proj (producing EMB_OUT, shared-z) and head_proj
+    (reading HEAD_IN). They carry cond(T): 4-bit rounding of either costs KL x1.9 on pit-tiny where 8 bits cost
+    nothing measurable (benchmarks/results/quant-variants.md), for d x d bytes (d/V of the table per transform)."""
+    if layout == "untied":
+        return []
+    nodes = [_producer(g, EMB_OUT)] if layout == "shared-z" else []
+    nodes += [n for n in _consumers(g, HEAD_IN) if n.op_type == "MatMul"]
+    assert all(n is not None and n.op_type == "MatMul" for n in nodes), "unexpected d x d transforms in the graph"
+    return [n.name for n in nodes]
 
 
 def _head(g: onnx.GraphProto):

@@ -240,34 +240,85 @@ class Stats:
     positions: int = 0
 
 
+SAME_INPUT = {"wk": "wq", "wv": "wq", "w3": "w1"}  # linears that read the same tensor share one second moment
+
+
+def gram_key(name: str) -> str:
+    """The Stats.grams key of a weight's input second moment: layers.i.attention.wk.weight -> ...wq.weight."""
+    parts = name.split(".")
+    if len(parts) >= 2:
+        parts[-2] = SAME_INPUT.get(parts[-2], parts[-2])
+    return ".".join(parts)
+
+
+def layer_stats(dec: Decoder, windows: torch.Tensor, names: set[str]):
+    """The input second moments, one layer at a time: runs every window through layer 0, then layer 1, ... (the
+    windows' hidden states kept between layers: n x L x d floats) and yields one Stats per layer with the grams of
+    that layer's weights in `names` (float64, keyed by gram_key), then a last Stats with the head's: "head" (the
+    table's head input: after head_proj in the compact layouts), "gather" (the gathered rows, embed_proj's input) and
+    head_proj.weight's input. Memory: one layer's grams at a time (24 x 4864^2 float64 = 4.5 GB for Qwen2.5-0.5B's
+    down projections at once), for the cost of one forward."""
+    from pit_export.models.pit import rms_norm, ropes_at
+
+    cfg = dec.cfg
+    L = windows.shape[1]
+    pos = torch.arange(L)
+    ropes, masks = ropes_at(dec, cfg, pos), dec.masks(pos)
+    keys = {gram_key(n) for n in names}
+    with torch.no_grad():
+        xs = []
+        gather = 0
+        for w in windows:
+            rows = dec.table(w[None]) if dec.layout != "untied" else None
+            if rows is not None:
+                gather = gather + _gram(rows)
+            x = dec.embed(w[None])
+            xs.append(x * cfg.embed_scale if cfg.embed_scale != 1.0 else x)
+        for i, layer in enumerate(dec.layers):
+            st = Stats(positions=L * len(windows))
+            hooks = [
+                mod.register_forward_hook(lambda m, inp, o, k=key, g=st.grams: _add(g, k, inp[0]))
+                for name, mod in layer.named_modules()
+                if isinstance(mod, nn.Linear) and (key := f"layers.{i}.{name}.weight") in keys
+            ]
+            try:
+                for j in range(len(xs)):
+                    layer.attention.reset_cache()
+                    xs[j] = layer(xs[j], ropes, masks, pos)
+            finally:
+                for h in hooks:
+                    h.remove()
+                layer.attention.reset_cache()
+            yield st
+        st = Stats(positions=L * len(windows))
+        for x in xs:
+            h = rms_norm(x, cfg.norm_eps)
+            if dec.layout == "untied":
+                _add(st.grams, "head", h)
+            else:
+                _add(st.grams, "head_proj.weight", h)
+                _add(st.grams, "head", dec.head_proj(h))
+        if dec.layout != "untied":
+            st.grams["gather"] = st.grams["embed_proj.weight"] = gather
+        yield st
+
+
+def _add(grams: dict, key: str, x: torch.Tensor) -> None:
+    grams[key] = grams.get(key, 0) + _gram(x)
+
+
+def _gram(x: torch.Tensor) -> torch.Tensor:
+    x = x.detach().reshape(-1, x.shape[-1])  # one window's product in the model's precision, summed in float64
+    return (x.T @ x).double()
+
+
 def collect(dec: Decoder, model, windows: torch.Tensor, names: set[str]) -> Stats:
-    """Input second moments of the Decoder's linears in `names` (+ the head's input under "head"), and the empirical
-    Fisher of the embedding output from the training graph `model` (layout-independent: the embedding is the same)."""
+    """Every gram of layer_stats at once (+ the empirical Fisher of the embedding output from the training graph
+    `model`, layout-independent: the embedding is the same; None without a model)."""
     st = Stats()
-    hooks = []
-
-    def add(key: str, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1])  # one window's product in the model's precision, summed in float64
-        st.grams[key] = st.grams.get(key, 0) + (x.T @ x).double()
-
-    for name, mod in dec.named_modules():
-        if isinstance(mod, nn.Linear) and f"{name}.weight" in names:
-            hooks.append(mod.register_forward_hook(lambda m, i, o, n=f"{name}.weight": add(n, i[0])))
-    if dec.layout == "untied":
-        hooks.append(dec.output.register_forward_hook(lambda m, i, o: add("head", i[0])))
-    else:  # the shared table's head input: head_proj's output
-        hooks.append(dec.head_proj.register_forward_hook(lambda m, i, o: add("head", o)))
-        hooks.append(dec.table.register_forward_hook(lambda m, i, o: add("gather", o)))
-    try:
-        with torch.no_grad():
-            for w in windows:
-                dec.reset_cache()
-                dec(w[None], torch.arange(len(w)))
-                st.positions += len(w)
-    finally:
-        for h in hooks:
-            h.remove()
-        dec.reset_cache()
+    for part in layer_stats(dec, windows, names):
+        st.grams.update(part.grams)
+        st.positions = part.positions
     if model is not None:
         st.emb_fisher = embedding_fisher(model, windows)
     return st
@@ -353,17 +404,23 @@ def apply(
     if windows is None:
         windows = calibration_windows(tokenizer, fw.cfg, cfg.n_windows, cfg.window_len, cfg.train_bytes)
     dec = Decoder(FoldedWeights(fw.cfg, fw.layout, dict(fw.tensors), fw.meta))
-    st = collect(dec, model if any(k in TABLES for k in targets) else None, windows, set(targets))
     tensors = dict(fw.tensors)
     summary: dict = {"method": "gptq", "mode": cfg.mode, "backend": backend, "weights": {}}
-    source = dict(fw.tensors)  # what each weight is rounded from
+    source = dict(fw.tensors)  # what each weight is rounded from (statistics come from the unrounded model)
 
-    def round_one(name: str, bits: int) -> None:
+    def round_one(name: str, bits: int, st: Stats) -> None:
         H = hessian(name, fw, st, cfg.embedding_weight)
         tensors[name], summary["weights"][name] = round_rows(source[name], H, backend, bits, cfg)
 
+    # the body one layer at a time (its grams freed before the next layer's), then the tables and the transforms on
+    # the last Stats, which holds the head's grams
+    for st in layer_stats(dec, windows, set(targets)):
+        for name in [k for k in targets if k.startswith("layers.") and gram_key(k) in st.grams]:
+            round_one(name, targets[name], st)
+    if any(k in TABLES for k in targets):
+        st.emb_fisher = embedding_fisher(model, windows)
     for name in (k for k in targets if k in TABLES):
-        round_one(name, targets[name])
+        round_one(name, targets[name], st)
     if fw.layout == "shared-z" and "table.weight" in targets:
         # re-fit the embedding's map to the rounded table so that the deployed interface is exact again, W E = I (no
         # cost in KL, measured), before the map's own rounding where the backend compresses it (8 bits at most). Fitted
@@ -372,8 +429,8 @@ def apply(
         source["embed_proj.weight"] = exact_embed_proj(fw, rtn(tensors["table.weight"], backend, 4, 32)).float()
         tensors["embed_proj.weight"] = source["embed_proj.weight"].contiguous()
         summary["refit"] = "embed_proj: W E = I for the rounded table"
-    for name in (k for k in targets if k not in TABLES):
-        round_one(name, targets[name])
+    for name in (k for k in targets if k in TRANSFORMS):
+        round_one(name, targets[name], st)
     summary.update(
         {
             "calibration": {
@@ -438,7 +495,7 @@ def hessian(name: str, fw: FoldedWeights, st: Stats, embedding_weight: float = 1
     elif name == "embed_proj.weight":
         H = st.grams["gather"]
     else:
-        return st.grams[name]
+        return st.grams[gram_key(name)]
     if name in ("table.weight", "tok_embeddings.weight") and st.emb_fisher is not None and embedding_weight:
         P = fw.tensors["embed_proj.weight"].double().T if "embed_proj.weight" in fw.tensors else None
         G = st.emb_fisher if P is None else P @ st.emb_fisher @ P.T

@@ -384,3 +384,35 @@ def test_onnx_preset_rounds_on_the_grid_and_beats_round_to_nearest(pit_ckpt, hel
         kl[name] = validate(ref, sess, heldout, sess.scheme).metrics["kl_mean"]
         sess.close()
     assert kl["gptq"] < 0.7 * kl["rtn"], kl
+
+
+@settings(max_examples=3, deadline=None)
+@given(seed=st.integers(0, 2**16), layout=st.sampled_from(["shared-z", "untied"]))
+def test_layerwise_statistics_are_the_full_forwards(seed, layout):
+    """layer_stats (windows run layer by layer, one layer's grams alive at a time) records, for every linear, the
+    second moment of the input that linear sees in the Decoder's own forward (float64, to rounding); linears that read
+    one tensor (wq/wk/wv, w1/w3) share one gram."""
+    m = random_pit(seed % 7, dim=32, vocab=128, layers=2)
+    fw, _ = fold(m, layout)
+    fw64 = FoldedWeights(fw.cfg, fw.layout, {k: v.double() for k, v in fw.tensors.items()})
+    dec = Decoder(fw64).double()
+    win = _windows(128, seed=seed)
+    names = {k for k in fw64.tensors if k.startswith("layers.") and fw64.tensors[k].dim() == 2}
+    want: dict = {}
+    hooks = [
+        mod.register_forward_hook(lambda mod_, i, o, k=f"{n}.weight": C._add(want, k, i[0]))
+        for n, mod in dec.named_modules()
+        if isinstance(mod, torch.nn.Linear) and f"{n}.weight" in names
+    ]
+    with torch.no_grad():
+        for w in win:
+            dec.reset_cache()
+            dec(w[None], torch.arange(len(w)))
+    for h in hooks:
+        h.remove()
+    got = C.collect(dec, None, win, names)
+    assert len({C.gram_key(n) for n in names}) == 4 * 2  # wq (k, v), wo, w1 (w3), w2 per layer
+    for name in names:
+        torch.testing.assert_close(
+            got.grams[C.gram_key(name)], want[name], rtol=1e-12, atol=1e-12 * want[name].abs().max()
+        )

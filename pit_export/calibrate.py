@@ -32,6 +32,7 @@ from torch import nn
 
 from pit_export.decoder import Decoder, FoldedWeights
 from pit_export.errors import BadInput
+from pit_export.quantize import ONNX_SYMMETRIC
 
 TABLES = ("table.weight", "tok_embeddings.weight", "output.weight")
 TRANSFORMS = ("head_proj.weight", "embed_proj.weight")
@@ -86,16 +87,22 @@ def _backend_codes(w: torch.Tensor, backend: str, bits: int, group: int):
     R, C = w.shape
     if C % group:
         raise BadInput(f"calibrated rounding: {C} columns are not a multiple of the group size {group}")
-    if backend == "onnx":  # MatMulNBitsQuantizer (MLAS blockwise, asymmetric by default): range [min(0,lo), max(0,hi)]
+    if backend == "onnx":  # MatMulNBitsQuantizer (MLAS blockwise), in float32, roundf = halves away from zero
         g = w.detach().float().numpy().reshape(R, C // group, group)
         qmax = 2**bits - 1
-        lo, hi = np.minimum(g.min(-1), 0), np.maximum(g.max(-1), 0)
-        s = ((hi - lo) / np.float32(qmax)).astype(np.float32)
+        if ONNX_SYMMETRIC:  # the signed extreme e sets s = e / -2^(b-1); code = roundf(v / s + 2^(b-1)) (e -> code 0)
+            mid = np.float32(2 ** (bits - 1))
+            mn, mx = g.min(-1), g.max(-1)
+            s = (np.where(np.abs(mx) > np.abs(mn), mx, mn) / -mid).astype(np.float32)
+            zp = np.full(s.shape, mid, dtype=np.float32)
+        else:  # range [min(0, lo), max(0, hi)]: s = range / (2^b - 1), zp = roundf(-lo / s)
+            lo, hi = np.minimum(g.min(-1), 0), np.maximum(g.max(-1), 0)
+            s = ((hi - lo) / np.float32(qmax)).astype(np.float32)
+            zp = np.clip(_roundf((-lo / np.where(s == 0, np.float32(1), s)).astype(np.float32)), 0, qmax)
+            zp = zp.astype(np.float32)
         safe = np.where(s == 0, np.float32(1), s)
-        # MLAS in float32: zp = roundf(-lo / s); code = roundf(v * (1 / s) + zp), roundf = half away from zero (a
-        # separate round of v / s missed 2 of 690 000 ties in the grid test)
+        # code = roundf(v * (1 / s) + zp) (a separate round of v / s missed 2 of 690 000 ties in the grid test)
         rs = np.where(s == 0, np.float32(0), np.float32(1) / safe).astype(np.float32)
-        zp = np.clip(_roundf((-lo / safe).astype(np.float32)), 0, qmax).astype(np.float32)
         q = np.clip(_roundf((g * rs[..., None] + zp[..., None]).astype(np.float32)), 0, qmax)
         t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).double()  # noqa: E731
         return t(q.reshape(R, C)), t(s), t(zp)
@@ -129,7 +136,16 @@ def grid_params(w: torch.Tensor, backend: str, bits: int = 4, group: int = 32) -
     if backend == "coreml":
         w64 = w.detach().to(torch.float16).double()
     g = w64.reshape(R, C // group, group)
-    if backend == "onnx":  # asymmetric: the group's min and max (0 included in the range) set scale and zero point
+    if backend == "onnx" and ONNX_SYMMETRIC:  # the signed extreme sets the scale; every code lies within |extreme|
+        fixed = (
+            g
+            == torch.where(g.max(-1).values.abs() > g.min(-1).values.abs(), g.max(-1).values, g.min(-1).values)[
+                ..., None
+            ]
+        )
+        vmin = vmax = None
+        qmin, qmax = 0, 2**bits - 1
+    elif backend == "onnx":  # asymmetric: the group's min and max (0 included in the range) set scale and zero point
         vmin, vmax = g.min(-1).values.clamp(max=0), g.max(-1).values.clamp(min=0)
         fixed = (g == g.min(-1, keepdim=True).values) | (g == g.max(-1, keepdim=True).values)
         qmin, qmax = 0, 2**bits - 1
@@ -141,8 +157,11 @@ def grid_params(w: torch.Tensor, backend: str, bits: int = 4, group: int = 32) -
         qmin = -qmax - 1 if backend == "executorch" else -qmax  # torchao [-8, 7] (scale amax / 7.5); CoreML [-7, 7]
     safe = torch.where(scale == 0, torch.ones_like(scale), scale)
     eps = 1e-4  # a grid point may touch the range's end: it then ties the extreme, which changes nothing
-    lo = torch.ceil(vmin / safe + zero - eps).clamp(min=qmin)
-    hi = torch.floor(vmax / safe + zero + eps).clamp(max=qmax)
+    if vmin is None:
+        lo, hi = torch.full_like(scale, qmin), torch.full_like(scale, qmax)
+    else:
+        lo = torch.ceil(vmin / safe + zero - eps).clamp(min=qmin)
+        hi = torch.floor(vmax / safe + zero + eps).clamp(max=qmax)
     degenerate = scale == 0  # an all-zero group: everything stays
     fixed = fixed.reshape(R, C) | degenerate.repeat_interleave(group, 1)
     fixed_value = (q - zero.repeat_interleave(group, 1)) * scale.repeat_interleave(group, 1)

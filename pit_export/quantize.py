@@ -53,17 +53,17 @@ RECIPES: dict[str, dict[str, str | None]] = {
     },
     "int8": {
         "executorch": "torchao Int8DynamicActivationIntxWeight: int8 per-channel weights, dynamic int8 activations",
-        "onnx": "MatMulNBits 8-bit, blocks of 32 (not per-channel), accuracy_level 4: int8 compute per block",
+        "onnx": "MatMulNBits 8-bit symmetric, blocks of 32 (not per-channel), accuracy_level 4: int8 compute per block",
         "coreml": "linear_quantize_weights int8 per-channel, weight-only: activations stay fp16",
     },
     "8da4w": {
         "executorch": "torchao Int8DynamicActivationIntxWeight: int4 weights per group of 32, dynamic int8 activations",
-        "onnx": "MatMulNBits 4-bit, blocks of 32, accuracy_level 4: int8 compute per block; d x d transforms 8-bit",
+        "onnx": "MatMulNBits 4-bit symmetric, blocks of 32, accuracy_level 4: int8 compute per block; d x d 8-bit",
         "coreml": None,  # CoreML has no dynamic int8 activations
     },
     "int4": {
         "executorch": None,  # XNNPACK lowers 4-bit linears only with dynamic int8 activations: use 8da4w
-        "onnx": "MatMulNBits 4-bit, blocks of 32, float compute; d x d transforms 8-bit",
+        "onnx": "MatMulNBits 4-bit symmetric, blocks of 32, float compute; d x d transforms 8-bit",
         "coreml": "linear_quantize_weights int4 per block of 32 (iOS 18 blockwise), weight-only, fp16 activations; "
         "calibrated rounding also stores the d x d transforms at int8 per channel",
     },
@@ -74,6 +74,9 @@ RECIPES: dict[str, dict[str, str | None]] = {
         "coreml": "4-bit k-means lookup table per group of 8 rows (constexpr_lut_to_dense), fp16 activations",
     },
 }
+# ONNX stores every MatMulNBits / GatherBlockQuantized block symmetrically, as the onnxruntime-genai builder does: codes
+# around an implicit zero point 2^(bits-1), scale = the block's signed extreme / -2^(bits-1), no zero-point tensors.
+ONNX_SYMMETRIC = True
 # embedding_bits (+embN): the gather table, weight-only 4/8-bit per group of 32 on ExecuTorch (torchao
 # IntxWeightOnly); on ONNX 4-bit only, and only in the untied layout (GatherBlockQuantized; the compact layouts'
 # one table takes the head's precision); not on CoreML (its gather weights follow the scheme).

@@ -15,7 +15,7 @@ from pit_export import calibrate as C
 from pit_export.decoder import Decoder, FoldedWeights
 from pit_export.errors import BadInput
 from pit_export.fold import fold
-from pit_export.quantize import gate_key, get_scheme, rounding_name
+from pit_export.quantize import ONNX_SYMMETRIC, gate_key, get_scheme, rounding_name
 
 from .conftest import random_pit
 
@@ -55,7 +55,7 @@ def ort_dequantized(w: torch.Tensor, bits: int = 4) -> np.ndarray:
         [numpy_helper.from_array(w.numpy().T.copy(), "w")],
     )
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    q = MatMulNBitsQuantizer(m, bits, 32)
+    q = MatMulNBitsQuantizer(m, bits, 32, is_symmetric=ONNX_SYMMETRIC)  # as export/onnx.py quantizes
     q.process()
     sess = ort.InferenceSession(q.model.model.SerializeToString(), providers=["CPUExecutionProvider"])
     return sess.run(None, {"x": np.eye(k, dtype=np.float32)})[0].T
@@ -143,8 +143,9 @@ def test_gptq_with_uncorrelated_inputs_is_round_to_nearest(backend):
     _, deployed = C.gptq(w, H, grid, damp=0.0)
     r = C.rtn(w, backend)
     g = w.double().reshape(32, 2, 32)
-    lo = (g.min(-1).values.clamp(max=0) if backend == "onnx" else -g.abs().max(-1).values).repeat_interleave(32, 1)
-    hi = (g.max(-1).values.clamp(min=0) if backend == "onnx" else g.abs().max(-1).values).repeat_interleave(32, 1)
+    asym = backend == "onnx" and not ONNX_SYMMETRIC
+    lo = (g.min(-1).values.clamp(max=0) if asym else -g.abs().max(-1).values).repeat_interleave(32, 1)
+    hi = (g.max(-1).values.clamp(min=0) if asym else g.abs().max(-1).values).repeat_interleave(32, 1)
     inside = grid.fixed | ((r >= lo) & (r <= hi))
     assert inside.float().mean() > 0.95
     same = deployed[inside] == r[inside]
@@ -167,7 +168,7 @@ def test_gptq_beats_round_to_nearest_on_its_objective(backend, seed):
     assert torch.equal(handed[fixed], w.double()[fixed])
     g = (handed if backend != "coreml" else handed.half().double()).reshape(64, 4, 32)
     ref = w64.reshape(64, 4, 32)
-    if backend == "onnx":
+    if backend == "onnx" and not ONNX_SYMMETRIC:
         assert (g.min(-1).values >= ref.min(-1).values.clamp(max=0) - 1e-6).all()
         assert (g.max(-1).values <= ref.max(-1).values.clamp(min=0) + 1e-6).all()
     else:

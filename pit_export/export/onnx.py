@@ -46,7 +46,7 @@ from pit_export.export.onnx_fused import fused_supports, kv_names
 from pit_export.memory import FORK_ABOVE_BYTES, release_memory, run_forked
 from pit_export.models.checkpoint import scratch_dir
 from pit_export.models.pit import allowed
-from pit_export.quantize import Scheme
+from pit_export.quantize import ONNX_SYMMETRIC, Scheme
 
 OPSET = 18
 MODEL, DATA, ORT_MODEL = "model.onnx", "model.onnx.data", "model.ort"
@@ -225,7 +225,13 @@ def quantize(model: onnx.ModelProto, scheme: Scheme, layout: str, base_dir: Path
 
     def run(bits: int, ops: tuple[str, ...], exclude: list[str]) -> onnx.ModelProto:
         q = MatMulNBitsQuantizer(
-            model, bits, BLOCK, accuracy_level=level, op_types_to_quantize=ops, nodes_to_exclude=exclude
+            model,
+            bits,
+            BLOCK,
+            is_symmetric=ONNX_SYMMETRIC,
+            accuracy_level=level,
+            op_types_to_quantize=ops,
+            nodes_to_exclude=exclude,
         )
         q.process()
         return q.model.model

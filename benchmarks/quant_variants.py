@@ -5,7 +5,7 @@
 Each variant is an option of an existing scheme (round to nearest, or GPTQ on the backend's grid for the V x d tables
 or for every 4-bit weight: pit_export/calibrate.py), exported through the real backend and validated through its
 runtime against the training graph on held-out windows (calibration reads the training split only). Writes
-DIR/quant-variants.json; benchmarks/render.py renders it."""
+DIR/quant-variants.json, keeping the rows of the targets not run; benchmarks/render.py renders it."""
 
 from __future__ import annotations
 
@@ -86,6 +86,7 @@ def run(model_dir: Path, tmp: Path, target: str, n_windows: int, only=None, only
                     "layout": layout,
                     "scheme": man["scheme"],
                     "rounding": rounding,
+                    "windows": n_windows,
                     "model_bytes": deployed_bytes(man),
                     "export_wall_s": round(wall, 1),
                     "calibration_s": cal.get("seconds"),
@@ -119,10 +120,12 @@ def main():
                 partial = {"windows": args.windows, "rows": rows}
                 (args.out / "quant-variants.partial.json").write_text(json.dumps(partial, indent=2))
     args.out.mkdir(parents=True, exist_ok=True)
+    done = set(args.targets.split(","))
+    old = args.out / "quant-variants.json"
+    kept = [r for r in json.loads(old.read_text())["rows"] if r["target"] not in done] if old.is_file() else []
     doc = {
         "machine": {"host": platform.machine(), "cpus": os.cpu_count(), "note": "shared 2-core x86-64 host"},
-        "windows": args.windows,
-        "rows": rows,
+        "rows": kept + rows,  # the targets not run this time keep their rows (each row says its windows)
     }
     (args.out / "quant-variants.json").write_text(json.dumps(doc, indent=2))
     (args.out / "quant-variants.partial.json").unlink(missing_ok=True)  # rows kept while the run was going

@@ -791,18 +791,19 @@ def render_quant_variants(name: str, d: dict) -> str:
     lines = banner(name, "Rounding variants of the 4-bit presets, PIT and tied")
     lines += [
         "Written by `benchmarks/quant_variants.py`: each row is an artifact exported through the target's real backend "
-        "and validated through its runtime against the training graph on "
-        f"{d.get('windows')} held-out windows (`windows`). rounding: `rtn` = the backend's round to nearest; `gptq` = "
+        "and validated through its runtime against the training graph on the held-out windows of its `windows` "
+        "column (256 tokens each). rounding: `rtn` = the backend's round to nearest; `gptq` = "
         "the V × d tables GPTQ-rounded on the backend's grid; `gptq-all` = every 4-bit weight. Calibration reads "
         "training-split text only. MB = `model_bytes` / 10^6; off grid = weights whose backend codes differ from "
         "GPTQ's (`off_grid`); load = the host's 1-minute load average after the row (`load_avg`), shared 2-core host.",
         "",
     ]
-    header = ["target", "model", "layout", "scheme", "rounding", "MB", "passed", "off grid"]
+    header = ["target", "model", "layout", "scheme", "rounding", "windows", "MB", "passed", "off grid"]
     header += [h for _, h, _ in QUANT_COLS]
     body = []
     for r in d["rows"]:
         row = [r.get("target"), r.get("model"), r.get("layout"), r.get("scheme"), r.get("rounding")]
+        row += [num(r.get("windows", d.get("windows")))]
         row += [mb(r.get("model_bytes"), ".3f"), "yes" if r.get("passed") else "**no**", num(r.get("off_grid"))]
         body.append(row + cells(r, QUANT_COLS))
     return "\n".join(lines + table(header, body)) + "\n"

@@ -149,7 +149,9 @@ def export_artifact(
         from pit_export import calibrate
 
         progress(f"calibrate ({sch.calibration}): GPTQ on training-split text")
-        fw, calibration = calibrate.apply(fw, ckpt.model, ckpt.tokenizer, sch, t.backend)
+        # the originals' file pages are given back as each weight is rounded (clean: re-read if needed again)
+        mapped = str(ckpt.path / WEIGHTS)
+        fw, calibration = calibrate.apply(fw, ckpt.model, ckpt.tokenizer, sch, t.backend, mapped=mapped)
     # -- end calibrated rounding
     if release_source:
         dead = list(ckpt.model.state_dict().values())

@@ -200,6 +200,7 @@ def _one_target(
             from pit_export.runtimes import open_session
 
             progress(rel, "validate")
+            validator.record()  # before the artifact is opened: the reference model and the artifact not side by side
             sess = open_session(tmp, threads=opts.threads)
             try:
                 r = validator.check(sess, getattr(sess, "scheme", scheme))

@@ -442,6 +442,8 @@ def apply(
     # (its grams freed before the next layer's); then the tables and the transforms on the last Stats, which holds the
     # head's grams
     fisher = embedding_fisher(model, windows) if any(k in TABLES for k in targets) else None
+    if mapped is not None and model is not None:  # its last read: Z's and the layers' pages go back
+        release_file_pages(mapped, list(model.state_dict().values()), [])
     for st in layer_stats(dec, windows, set(targets)):
         for name in [k for k in targets if k.startswith("layers.") and gram_key(k) in st.grams]:
             round_one(name, targets[name], st)
@@ -475,7 +477,7 @@ def apply(
     return FoldedWeights(fw.cfg, fw.layout, tensors, dict(fw.meta)), summary
 
 
-ROW_CHUNK = 8192  # rows of a V x d table rounded at a time: float64 work space ~ 10 x 8192 x d x 8 bytes, not V x d
+ROW_CHUNK = 4096  # rows of a V x d table rounded at a time: float64 work space ~ 10 x 4096 x d x 8 bytes, not V x d
 
 
 def round_rows(w: torch.Tensor, H: torch.Tensor, backend: str, bits: int, cfg: CalibrationConfig):

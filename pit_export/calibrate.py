@@ -407,13 +407,16 @@ def apply(
     cfg: CalibrationConfig | None = None,
     windows: torch.Tensor | None = None,
     mapped: str | None = None,
+    inplace: bool = False,
 ):
     """A FoldedWeights whose 4-bit weights lie on `backend`'s grid, GPTQ-rounded; and a summary for the manifest.
 
     model: the training graph (the embedding's Fisher); windows [n, L]: calibration tokens (default: the training
     split's, calibration_windows). mapped: the memory-mapped checkpoint file the folded weights may share pages with;
     once a weight is rounded, the resident pages of its original there are given back (clean pages: a later read
-    maps them again from the file), so that the rounded copies do not add up beside the originals (1.4 GB at 0.5B)."""
+    maps them again from the file), so that the rounded copies do not add up beside the originals (1.4 GB at 0.5B).
+    inplace: `fw` is this export's own (not reused afterwards): its V x d tables that are not the model's own tensors
+    (the fold computed them) are overwritten with their rounded values instead of copied."""
     import time
 
     from pit_export.memory import release_file_pages
@@ -432,11 +435,16 @@ def apply(
     summary: dict = {"method": "gptq", "mode": cfg.mode, "backend": backend, "weights": {}}
     source = dict(fw.tensors)  # what each weight is rounded from (statistics come from the unrounded model)
 
+    model_storage = {t.untyped_storage().data_ptr() for t in (model.state_dict().values() if model is not None else ())}
+
     def round_one(name: str, bits: int, st: Stats) -> None:
         H = hessian(name, fw, st, cfg.embedding_weight)
-        tensors[name], summary["weights"][name] = round_rows(source[name], H, backend, bits, cfg)
+        w = source[name]
+        # a V x d table the fold computed for this export is rounded in place (no second V x d beside it)
+        out = w if inplace and name in TABLES and w.untyped_storage().data_ptr() not in model_storage else None
+        tensors[name], summary["weights"][name] = round_rows(w, H, backend, bits, cfg, out=out)
         if mapped is not None:
-            release_file_pages(mapped, [source[name]], [])
+            release_file_pages(mapped, [w], [])
 
     # the embedding's Fisher first (the training graph reads every original weight); then the body one layer at a time
     # (its grams freed before the next layer's); then the tables and the transforms on the last Stats, which holds the
@@ -480,22 +488,24 @@ def apply(
 ROW_CHUNK = 4096  # rows of a V x d table rounded at a time: float64 work space ~ 10 x 4096 x d x 8 bytes, not V x d
 
 
-def round_rows(w: torch.Tensor, H: torch.Tensor, backend: str, bits: int, cfg: CalibrationConfig):
+def round_rows(w: torch.Tensor, H: torch.Tensor, backend: str, bits: int, cfg: CalibrationConfig, out=None):
     """GPTQ of w [R, C] on `backend`'s grid in chunks of ROW_CHUNK rows (the feedback factor computed once): the float32
     weight to hand the backend, and {off_grid, proxy_rtn, proxy_gptq} (how many handed weights the backend's RTN puts
-    off GPTQ's codes; the layer's relative output error under RTN and under GPTQ, _proxy)."""
+    off GPTQ's codes; the layer's relative output error under RTN and under GPTQ, _proxy). `out`: where the handed
+    rows go (w itself rounds it in place: each chunk is written after its last read)."""
     group = group_of(bits, w)
     feedback = error_feedback(H, cfg.damp, cfg.act_order)
     H = H.double()
-    handed = torch.empty(w.shape, dtype=torch.float32)
+    handed = torch.empty(w.shape, dtype=torch.float32) if out is None else out
     off_grid, sums = 0, torch.zeros(3, dtype=torch.float64)
     for rows in (slice(i, i + ROW_CHUNK) for i in range(0, len(w), ROW_CHUNK)):
         wc = w[rows]
         h, deployed = gptq(wc, None, grid_params(wc, backend, bits, group), feedback=feedback)
-        handed[rows] = h.float()
-        off_grid += int((~torch.isclose(rtn(handed[rows], backend, bits, group), deployed, rtol=1e-5, atol=1e-7)).sum())
         W = wc.double()
         sums += torch.stack([_quad(W - rtn(wc, backend, bits, group), H), _quad(W - deployed, H), _quad(W, H)])
+        h = h.float()
+        off_grid += int((~torch.isclose(rtn(h, backend, bits, group), deployed, rtol=1e-5, atol=1e-7)).sum())
+        handed[rows] = h
     den = sums[2].clamp(min=1e-300)
     return handed, {"off_grid": off_grid, "proxy_rtn": float(sums[0] / den), "proxy_gptq": float(sums[1] / den)}
 

@@ -417,3 +417,33 @@ def test_layerwise_statistics_are_the_full_forwards(seed, layout):
         torch.testing.assert_close(
             got.grams[C.gram_key(name)], want[name], rtol=1e-12, atol=1e-12 * want[name].abs().max()
         )
+
+
+@pytest.mark.parametrize("layout", ["untied", "shared-z"])
+def test_rounding_in_place_is_rounding_a_copy(layout):
+    """inplace=True (an export's own fold) overwrites the tables the fold computed, and gives the same weights as the
+    copying path; the model's own tensors are never written."""
+    m = random_pit(2, dim=64, vocab=256, layers=1)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    sch = get_scheme("8da4w+gptq-all", 4)
+    win = _windows(256, n=2, length=32)
+    fw_copy, _ = fold(m, layout)
+    want, _ = C.apply(fw_copy, m, None, sch, "executorch", windows=win)
+    fw, _ = fold(m, layout)
+    got, _ = C.apply(fw, m, None, sch, "executorch", windows=win, inplace=True)
+    for k in want.tensors:
+        assert torch.equal(got.tensors[k], want.tensors[k]), k
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    own = [
+        k
+        for k in C.TABLES
+        if k in fw.tensors
+        and fw.tensors[k].untyped_storage().data_ptr()
+        not in {v.untyped_storage().data_ptr() for v in m.state_dict().values()}
+    ]
+    assert own or layout != "untied"  # untied: both tables are the fold's own
+    for k in own:  # written where it was
+        assert got.tensors[k].data_ptr() == fw.tensors[k].data_ptr() and not torch.equal(
+            fw.tensors[k], fw_copy.tensors[k]
+        )

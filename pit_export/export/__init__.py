@@ -136,7 +136,8 @@ def export_artifact(
         backend = importlib.import_module(f"{__name__}.{t.backend}")
     except ImportError as e:  # its toolchain is missing here
         raise Unavailable(f"target {target}: {t.backend} toolchain unavailable ({e})") from None
-    if folded is not None and folded[0].layout == layout:  # a fold of this run, shared by its attempts
+    reused = folded is not None and folded[0].layout == layout
+    if reused:  # a fold of this run, shared by its attempts
         base, fold_report = folded
         fw = FoldedWeights(base.cfg, base.layout, dict(base.tensors), dict(base.meta))  # release() clears the copy
     else:
@@ -151,7 +152,10 @@ def export_artifact(
         progress(f"calibrate ({sch.calibration}): GPTQ on training-split text")
         # the originals' file pages are given back as each weight is rounded (clean: re-read if needed again)
         mapped = str(ckpt.path / WEIGHTS)
-        fw, calibration = calibrate.apply(fw, ckpt.model, ckpt.tokenizer, sch, t.backend, mapped=mapped)
+        # a fold of this export alone: its tables may be rounded in place
+        fw, calibration = calibrate.apply(
+            fw, ckpt.model, ckpt.tokenizer, sch, t.backend, mapped=mapped, inplace=not reused
+        )
     # -- end calibrated rounding
     if release_source:
         dead = list(ckpt.model.state_dict().values())

@@ -50,7 +50,7 @@ ARTIFACTS = {
         "genai",
         EX / "ours-onnx/onnx-cpu",
         None,
-        "pit-export onnx-cpu preset: 8da4w (MatMulNBits int4 with zero points, accuracy_level 4: int8 activations), "
+        "pit-export onnx-cpu preset: 8da4w (MatMulNBits int4, symmetric, accuracy_level 4: int8 activations), "
         "shared-z; the 4-bit GatherBlockQuantized embedding table shared with the head",
     ),
     "onnxruntime-genai": (

@@ -63,7 +63,7 @@ class Grid:
     lo: torch.Tensor  # [R, G] lowest allowed code for a free element
     hi: torch.Tensor  # [R, G]
     fixed: torch.Tensor  # [R, C] bool
-    fixed_value: torch.Tensor  # [R, C] float64, the backend's dequantized value where fixed
+    fixed_value: torch.Tensor  # [R, C] float64, the backend's RTN value of every element (kept where fixed)
     group: int
 
     def expand(self, t: torch.Tensor) -> torch.Tensor:
@@ -137,12 +137,8 @@ def grid_params(w: torch.Tensor, backend: str, bits: int = 4, group: int = 32) -
         w64 = w.detach().to(torch.float16).double()
     g = w64.reshape(R, C // group, group)
     if backend == "onnx" and ONNX_SYMMETRIC:  # the signed extreme sets the scale; every code lies within |extreme|
-        fixed = (
-            g
-            == torch.where(g.max(-1).values.abs() > g.min(-1).values.abs(), g.max(-1).values, g.min(-1).values)[
-                ..., None
-            ]
-        )
+        mx, mn = g.max(-1).values, g.min(-1).values
+        fixed = g == torch.where(mx.abs() > mn.abs(), mx, mn)[..., None]
         vmin = vmax = None
         qmin, qmax = 0, 2**bits - 1
     elif backend == "onnx":  # asymmetric: the group's min and max (0 included in the range) set scale and zero point
@@ -450,8 +446,8 @@ def apply(
     # (its grams freed before the next layer's); then the tables and the transforms on the last Stats, which holds the
     # head's grams
     fisher = embedding_fisher(model, windows) if any(k in TABLES for k in targets) else None
-    if mapped is not None and model is not None:  # its last read: Z's and the layers' pages go back
-        release_file_pages(mapped, list(model.state_dict().values()), [])
+    if mapped is not None and model is not None:  # its last read: the pages the folded weights do not share go back
+        release_file_pages(mapped, list(model.state_dict().values()), list(fw.tensors.values()))
     for st in layer_stats(dec, windows, set(targets)):
         for name in [k for k in targets if k.startswith("layers.") and gram_key(k) in st.grams]:
             round_one(name, targets[name], st)
@@ -500,9 +496,10 @@ def round_rows(w: torch.Tensor, H: torch.Tensor, backend: str, bits: int, cfg: C
     off_grid, sums = 0, torch.zeros(3, dtype=torch.float64)
     for rows in (slice(i, i + ROW_CHUNK) for i in range(0, len(w), ROW_CHUNK)):
         wc = w[rows]
-        h, deployed = gptq(wc, None, grid_params(wc, backend, bits, group), feedback=feedback)
-        W = wc.double()
-        sums += torch.stack([_quad(W - rtn(wc, backend, bits, group), H), _quad(W - deployed, H), _quad(W, H)])
+        grid = grid_params(wc, backend, bits, group)
+        h, deployed = gptq(wc, None, grid, feedback=feedback)
+        W = wc.double()  # grid.fixed_value: the backend's RTN of every element
+        sums += torch.stack([_quad(W - grid.fixed_value, H), _quad(W - deployed, H), _quad(W, H)])
         h = h.float()
         off_grid += int((~torch.isclose(rtn(h, backend, bits, group), deployed, rtol=1e-5, atol=1e-7)).sum())
         handed[rows] = h
@@ -544,9 +541,8 @@ def hessian(name: str, fw: FoldedWeights, st: Stats, embedding_weight: float = 1
 
 def _proxy(w: torch.Tensor, q: torch.Tensor, H: torch.Tensor) -> float:
     """tr((W - Q) H (W - Q)^T) / tr(W H W^T): the layer's relative output error on the calibration inputs."""
-    D = w.double() - q
     W = w.double()
-    return float(torch.einsum("ij,jk,ik->", D, H, D) / torch.einsum("ij,jk,ik->", W, H, W).clamp(min=1e-300))
+    return float(_quad(W - q, H) / _quad(W, H).clamp(min=1e-300))
 
 
 def describe(mode: str | None) -> str:

@@ -204,6 +204,20 @@ def test_gptq_blocks_and_column_order_change_nothing_but_the_order(act_order):
 # ---------------------------------------------------------------- the objective's algebra, exact in float64
 
 
+def sq_logit_diff(a: Decoder, b: Decoder, windows: torch.Tensor, mean: bool = False) -> float:
+    """Sum over windows of the squared logit differences of two Decoders on a prefill of each window (the per-window
+    mean of the squares with mean=True)."""
+    total = 0.0
+    with torch.no_grad():
+        for w in windows:
+            a.reset_cache()
+            b.reset_cache()
+            pos = torch.arange(len(w))
+            d2 = (a(w[None], pos) - b(w[None], pos)) ** 2
+            total += (d2.mean() if mean else d2.sum()).item()
+    return total
+
+
 def _windows(vocab: int, n: int = 3, length: int = 16, seed: int = 0) -> torch.Tensor:
     return torch.randint(2, vocab, (n, length), generator=torch.Generator().manual_seed(seed))
 
@@ -224,13 +238,7 @@ def test_head_objective_is_the_logit_error(seed, layout):
     fw2 = FoldedWeights(fw.cfg, layout, {**fw64.tensors, key: fw64.tensors[key] + D})
     dec2 = Decoder(fw2).double()
     dec2.embed = dec.embed  # the head alone reads the perturbed table
-    lhs = 0.0
-    with torch.no_grad():
-        for w in win:
-            dec.reset_cache()
-            dec2.reset_cache()
-            pos = torch.arange(len(w))
-            lhs += ((dec2(w[None], pos) - dec(w[None], pos)) ** 2).sum().item()
+    lhs = sq_logit_diff(dec2, dec, win)
     rhs = torch.einsum("ij,jk,ik->", D, stats.grams["head"], D).item()
     assert abs(lhs - rhs) <= 1e-9 * rhs
 
@@ -320,15 +328,7 @@ def test_calibration_reduces_the_error_of_a_random_pit_model():
 
     def mse(tensors):
         q = {**fw.tensors, "table.weight": C.rtn(tensors["table.weight"], "onnx").float()}
-        a, b = Decoder(fw), Decoder(FoldedWeights(fw.cfg, fw.layout, q))
-        err = 0.0
-        with torch.no_grad():
-            for w in test:
-                a.reset_cache()
-                b.reset_cache()
-                p = torch.arange(len(w))
-                err += ((a(w[None], p) - b(w[None], p)) ** 2).mean().item()
-        return err
+        return sq_logit_diff(Decoder(fw), Decoder(FoldedWeights(fw.cfg, fw.layout, q)), test, mean=True)
 
     assert mse(out.tensors) < mse(fw.tensors)
 

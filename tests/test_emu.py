@@ -86,18 +86,23 @@ def test_count_plan_differences():
         emu.count_plan(1, 8)
 
 
+def check_on_arm64(ckpt, folder):
+    """The artifact in `folder` validated through the emulated ARM64 runtime against `ckpt`'s training graph."""
+    with Validator(ckpt, EMU_CFG, threads=1) as v:
+        sess = emu.open_session(folder)
+        try:
+            return v.check(sess)
+        finally:
+            sess.close()
+
+
 # ---------------------------------------------------------------- ONNX Runtime on ARM64 (light root)
 
 
 @needs_emu
 def test_validate_onnx_preset_on_arm64(pit_ckpt, onnx_preset):
     """The onnx-cpu preset through ONNX Runtime's ARM64 kernels: the same metrics and gates as on the host."""
-    with Validator(pit_ckpt, EMU_CFG, threads=1) as v:
-        sess = emu.open_session(onnx_preset)
-        try:
-            res = v.check(sess)
-        finally:
-            sess.close()
+    res = check_on_arm64(pit_ckpt, onnx_preset)
     assert "emulated arm64" in res.session
     assert res.gates and res.passed, [g for g in res.failures()]
     assert res.metrics["positions"] == pit_ckpt.config.max_seq_len  # one whole window
@@ -153,12 +158,7 @@ def test_fp32_pte_on_arm64_matches_host_and_passes(pit_ckpt, et_fp32_dir):
 @needs_et
 def test_android_preset_on_arm64_passes(pit_ckpt, android_preset):
     """The shipped android artifact (8da4w + 4-bit embedding, custom LLM ops) through the ARM64 kernels a phone runs."""
-    with Validator(pit_ckpt, EMU_CFG, threads=1) as v:
-        sess = emu.open_session(android_preset)
-        try:
-            res = v.check(sess)
-        finally:
-            sess.close()
+    res = check_on_arm64(pit_ckpt, android_preset)
     assert res.gates and res.passed, [g for g in res.failures()]
 
 

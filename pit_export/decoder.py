@@ -41,13 +41,21 @@ class FoldedWeights:
     layout: str
     tensors: dict[str, torch.Tensor]  # body (layers.*) + layout tables, fp32
     meta: dict = field(default_factory=dict)
+    mapped: str | None = None  # the memory-mapped checkpoint file whose pages the tensors may share (fold leaves
+    # the weights it does not change as the checkpoint's own tensors)
 
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
     def release(self) -> None:
-        """Drop the tensors (a backend whose weights are written frees them before its runtime reloads them)."""
+        """Drop the tensors (a backend whose weights are written frees them before its runtime reloads them), and
+        the resident pages of `mapped` they held: the checkpoint's model keeps the mapping, and reads the clean pages
+        again from the file if it runs later (validation's reference)."""
+        if self.mapped is not None:
+            from pit_export.memory import release_file_pages
+
+            release_file_pages(self.mapped, list(self.tensors.values()), [])
         self.tensors.clear()
 
 

@@ -81,7 +81,7 @@ def family_configs() -> dict:
         "rope_theta": 500000.0,
     }
     return {
-        "llama3": LlamaConfig(**FAMILY_BASE, head_dim=24, rope_parameters=llama3),
+        "llama3": LlamaConfig(**FAMILY_BASE, head_dim=32, rope_parameters=llama3),  # onnx-cpu: fused (hd % 16 == 0)
         "qwen2": Qwen2Config(**FAMILY_BASE, rope_parameters={"rope_type": "default", "rope_theta": 1e6}),
         "qwen3": Qwen3Config(
             **FAMILY_BASE, head_dim=24, rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6}

@@ -30,6 +30,7 @@ TOKENIZER = DEFAULT_MODEL / "tokenizer.json"
 PROMPT, STEPS = 20, 8  # PROMPT > WINDOW: sliding layers mask part of the prompt
 REL = 1e-4
 FAST_TARGETS = "gemma3"  # every feature but biases and NoPE; the other families' targets run in make test-slow
+FAST_FUSED = ("qwen2", "onnx-cpu")  # biases on onnx-cpu's fused graph (gemma3 takes the traced one)
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +137,7 @@ def _targets(fast: str) -> list:
     out = []
     for name in FAMILIES:
         for target in ("android", "onnx-cpu", "ios"):
-            marks = () if name == fast else (pytest.mark.slow,)
+            marks = () if name == fast or (name, target) == FAST_FUSED else (pytest.mark.slow,)
             out.append(pytest.param(name, target, marks=marks, id=f"{name}-{target}"))
     return out
 

@@ -259,11 +259,13 @@ def test_compact_int4_is_the_size_of_a_tied_model(artifact, request):
 
 
 def test_large_models_trace_in_a_forked_child_with_the_same_result(tmp_path, pit_ckpt, monkeypatch):
-    """Above FORK_ABOVE_BYTES the trace and quantization run in a forked child (their leftover heap dies with it);
-    the files are the in-process export's, byte for byte (model.ort aside: its byte order is not reproducible)."""
+    """Above FORK_ABOVE_BYTES the traced graph's trace and quantization run in a forked child (their leftover heap
+    dies with it); the files are the in-process export's, byte for byte (model.ort aside: its byte order is not
+    reproducible). The fused graph is written in process at any size: it leaves no tracer heap."""
     from pit_export.export import onnx as onnx_export
     from pit_export.report import NONDETERMINISM
 
+    monkeypatch.setattr(onnx_export, "fused_supports", lambda cfg: False)
     inproc = export_artifact(pit_ckpt, "onnx-cpu", tmp_path / "in", "int4")
     forks = []
     real = onnx_export.run_forked

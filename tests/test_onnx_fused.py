@@ -1,5 +1,5 @@
 """The fused onnx-cpu graph (pit_export/export/onnx_fused.py) against onnxruntime-genai's model builder, and the traced
-graph it replaces for plain Llama configs, which still serves every config the fused graph does not implement.
+graph it replaces for the configs it implements, which still serves every config the fused graph does not implement.
 
 tests/test_onnx.py runs the parity suite on the default (fused) graph; these tests cover what is specific to it."""
 
@@ -37,12 +37,14 @@ def graph(path):
 
 
 def test_fused_supports_only_plain_llama_fields(monkeypatch):
-    """Every ModelConfig field outside the plain-Llama set must hold its default; a field added to ModelConfig later
+    """Every ModelConfig field outside the implemented set must hold its default; a field added to ModelConfig later
     (here a stand-in) makes a config unsupported as soon as it leaves its default."""
     from pit_export.export import onnx_fused
 
     assert fused_supports(ModelConfig())
     assert fused_supports(ModelConfig(dim=96, n_heads=3, n_kv_heads=1, tying="tied", max_seq_len=64))
+    assert fused_supports(ModelConfig(qkv_bias=True, head_size=64, rope_scaling={"rope_type": "linear", "factor": 2.0}))
+    assert not fused_supports(ModelConfig(dim=96, n_heads=4, n_kv_heads=2))  # head size 24: GQA's CPU kernel wants 16k
 
     @dataclasses.dataclass
     class Later(ModelConfig):
@@ -77,6 +79,39 @@ def test_default_graph_is_fused(int4_dir, pit_ckpt):
     tables = [t for t in g.initializer if t.name in ("cos_cache", "sin_cache")]
     assert len(tables) == 2 and all(t.data_location == onnx.TensorProto.EXTERNAL for t in tables)
     assert all(t.name in ("cos_cache", "sin_cache") for t in tables)
+
+
+@pytest.mark.parametrize(
+    ("scheme", "layout"), [("8da4w", "shared-z"), ("int4", "shared-e"), ("int8", "untied"), ("int4+emb4", "untied")]
+)
+def test_quantized_as_written_is_the_quantizers_graph(scheme, layout, pit_ckpt, tmp_path):
+    """The fused graph quantized weight by weight as it is written equals onnxruntime's MatMulNBitsQuantizer run over
+    the whole fp32 fused graph (onnx.quantize, the upstream path): same nodes, same initializers bit for bit."""
+    from pit_export.export import onnx_fused
+    from pit_export.fold import fold
+    from pit_export.quantize import get_scheme
+
+    prec = onnx_export.precision(get_scheme(scheme), layout)
+    graphs = {}
+    for name, p in (("fp32", onnx_fused.Precision()), ("written", prec)):
+        (tmp_path / name).mkdir()
+        fw, _ = fold(pit_ckpt, layout)
+        onnx_fused.write(fw, onnx_export.FUSED_NAMES, tmp_path / name / "model.onnx", "model.onnx.data", p)
+        graphs[name] = onnx.load(tmp_path / name / "model.onnx")
+    upstream = onnx_export.quantize(graphs["fp32"], prec, layout, tmp_path / "fp32")
+
+    def nodes(g):
+        return sorted(
+            (n.op_type, n.name, tuple(n.input), tuple(n.output), tuple(sorted(map(str, n.attribute)))) for n in g.node
+        )
+
+    def inits(g):
+        return {t.name: (t.data_type, tuple(t.dims), onnx.numpy_helper.to_array(t).tobytes()) for t in g.initializer}
+
+    assert nodes(graphs["written"].graph) == nodes(upstream.graph)
+    a, b = inits(graphs["written"].graph), inits(upstream.graph)
+    assert a.keys() == b.keys()
+    assert [k for k in a if a[k] != b[k]] == []
 
 
 def test_fused_export_is_reproducible(int4_dir, pit_ckpt, tmp_path):

@@ -157,10 +157,14 @@ def export_artifact(
             fw, ckpt.model, ckpt.tokenizer, sch, t.backend, mapped=mapped, inplace=not reused
         )
     # -- end calibrated rounding
-    if release_source:
+    if getattr(ckpt, "path", None) is not None and ckpt.model is not None:
+        # the checkpoint pages fold read and no folded weight shares go back now (clean: the model reads them again
+        # from the file if it runs later); those it shares go back when the backend releases fw
+        fw.mapped = str(ckpt.path / WEIGHTS)
         dead = list(ckpt.model.state_dict().values())
-        ckpt.model = None
-        release_file_pages(ckpt.path / WEIGHTS, dead, fw.tensors.values())  # Z and T, still mapped
+        if release_source:
+            ckpt.model = None
+        release_file_pages(fw.mapped, dead, fw.tensors.values())
         del dead
     release_memory()  # the fold report's float64 chunks
     manifest: dict = {}

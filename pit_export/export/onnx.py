@@ -1,10 +1,11 @@
 """ONNX Runtime backend: an onnxruntime-genai folder with a past/present KV interface, plus embed/unembed probes.
 
-Two graphs: plain Llama configs (onnx_fused.fused_supports) get the fused graph of onnx_fused.py (GroupQueryAttention
-with the KV cache in one shared past/present buffer, SkipSimplifiedLayerNormalization, packed projections), written
-op by op; every other config gets the traced graph below (KVDecoder through torch.onnx.export). Both go through the
-same quantization, probes, config files and mobile format; the folder's genai_config.json says which KV interface
-it has (past_present_share_buffer). What follows describes the traced graph's interface.
+Two graphs: the configs onnx_fused.py implements (onnx_fused.fused_supports: Llama incl. scaled RoPE, Qwen2.5)
+get its fused graph (GroupQueryAttention with the KV cache in one shared past/present buffer,
+SkipSimplifiedLayerNormalization, packed projections), written op by op and quantized as it is written; every other
+config gets the traced graph below (KVDecoder through torch.onnx.export), quantized afterwards (quantize). Both take
+the same quantizer and recipe (precision), probes, config files and mobile format; the folder's genai_config.json
+says which KV interface it has (past_present_share_buffer). What follows describes the traced graph's interface.
 
 Files written:
     model.onnx, model.onnx.data   the decoder: input_ids, attention_mask, position_ids, past_key_values.{i}.key/value
@@ -42,7 +43,7 @@ from pit_export.compat.onnxscript import forget_matched_graphs
 from pit_export.decoder import CachedAttention, Decoder, FoldedWeights
 from pit_export.errors import BadInput
 from pit_export.export import onnx_fused
-from pit_export.export.onnx_fused import fused_supports, kv_names
+from pit_export.export.onnx_fused import Precision, fused_supports, kv_names
 from pit_export.memory import FORK_ABOVE_BYTES, release_memory, run_forked
 from pit_export.models.checkpoint import scratch_dir
 from pit_export.models.pit import allowed
@@ -206,39 +207,55 @@ def _toposort(g: onnx.GraphProto) -> None:
 # ---------------------------------------------------------------- quantization
 
 
-def quantize(model: onnx.ModelProto, scheme: Scheme, layout: str, base_dir: Path) -> onnx.ModelProto:
-    """Every weight MatMul -> MatMulNBits (block 32); in compact layouts the gather then reads the head's table."""
+def precision(scheme: Scheme, layout: str) -> Precision:
+    """What `scheme` means for an ONNX graph in `layout`: every weight MatMul -> MatMulNBits (block 32), the d x d
+    transforms at TRANSFORM_BITS or more, an untied table at `embedding_bits` (GatherBlockQuantized)."""
     if scheme.linear_bits is None:
         if scheme.embedding_bits:
             raise BadInput("onnx: a quantized embedding needs a quantized scheme (int8, int4, 8da4w)")
-        return model
+        return Precision()
     if scheme.embedding_bits is not None and (scheme.embedding_bits != 4 or scheme.linear_bits != 4):
         raise BadInput("onnx: the separate quantized embedding is 4-bit only (int4+emb4, 8da4w+emb4)")
+    return Precision(
+        bits=scheme.linear_bits,
+        transform_bits=None if layout == "untied" else max(scheme.linear_bits, TRANSFORM_BITS),
+        embedding_bits=scheme.embedding_bits if layout == "untied" else None,
+        block=BLOCK,
+        symmetric=ONNX_SYMMETRIC,
+        # accuracy_level 4 = int8 compute on activations quantized per block at run time ("dynamic int8 activations")
+        level=4 if scheme.activations == "int8-dynamic" else None,
+    )
+
+
+def quantize(model: onnx.ModelProto, prec: Precision, layout: str, base_dir: Path) -> onnx.ModelProto:
+    """The traced graph at `prec`: onnxruntime's MatMulNBits quantizer over the whole graph (4-bit pass, then the d x d
+    transforms); in compact layouts the gather then reads the head's table. The fused graph is quantized as it is
+    written (onnx_fused.py), with the same quantizer, weight by weight."""
+    if prec.bits is None:
+        return model
     onnx.load_external_data_for_model(model, str(base_dir))  # the quantizer reads and replaces them in memory
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
-    ops = ("MatMul", "Gather") if layout == "untied" and scheme.embedding_bits else ("MatMul",)
-    # accuracy_level 4 = int8 compute on activations quantized per block at run time ("dynamic int8 activations")
-    level = 4 if scheme.activations == "int8-dynamic" else None
+    ops = ("MatMul", "Gather") if prec.embedding_bits else ("MatMul",)
     transforms = transform_nodes(model.graph, layout)
 
     def run(bits: int, ops: tuple[str, ...], exclude: list[str]) -> onnx.ModelProto:
         q = MatMulNBitsQuantizer(
             model,
             bits,
-            BLOCK,
-            is_symmetric=ONNX_SYMMETRIC,
-            accuracy_level=level,
+            prec.block,
+            is_symmetric=prec.symmetric,
+            accuracy_level=prec.level,
             op_types_to_quantize=ops,
             nodes_to_exclude=exclude,
         )
         q.process()
         return q.model.model
 
-    model = run(scheme.linear_bits, ops, transforms)
+    model = run(prec.bits, ops, transforms)
     if transforms:  # the only float MatMuls with a weight left
-        model = run(max(scheme.linear_bits, TRANSFORM_BITS), ("MatMul",), [])
+        model = run(prec.transform_bits, ("MatMul",), [])
     if layout != "untied":
         _share_table(model.graph)
     _toposort(model.graph)
@@ -458,22 +475,17 @@ def save_external(model: onnx.ModelProto, dest: Path, base_dir: Path) -> None:
 
 def write_model(fw: FoldedWeights, scheme: Scheme, out: Path, progress, times: dict) -> None:
     """Trace, quantize and save model.onnx + model.onnx.data into `out`; frees the folded weights."""
+    prec = precision(scheme, fw.layout)
     with scratch_dir() as scratch:
         t0 = time.perf_counter()
-        # ---- graph selection: plain Llama configs get the fused graph (onnx_fused.py), others the trace
-        if fused_supports(fw.cfg):
-            progress("onnx: fused graph (GroupQueryAttention, SkipSimplifiedLayerNormalization)")
-            model = onnx_fused.fp32_graph(fw, FUSED_NAMES)
-        else:
-            progress("onnx: torch.onnx.export (dynamo)")
-            model = fp32_graph(fw, scratch)
-        # ---- end of graph selection
+        progress("onnx: torch.onnx.export (dynamo)")
+        model = fp32_graph(fw, scratch)
         fw.release()  # traced to disk: from here on the weights live in scratch (or, for a small model, in `model`)
         release_memory()
         times["export_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         progress(f"onnx: quantize ({scheme.name})")
-        model = quantize(model, scheme, fw.layout, scratch)
+        model = quantize(model, prec, fw.layout, scratch)
         times["quantize_s"] = time.perf_counter() - t0
         save_external(model, out / MODEL, scratch)
 
@@ -482,7 +494,17 @@ def export(fw: FoldedWeights, scheme: Scheme, out: Path, ckpt, progress=lambda m
     out = Path(out)
     times: dict[str, float] = {}
     cfg, inv_gain = fw.cfg, fw.tensors["inv_gain"].numpy().copy()
-    if fw.nbytes <= FORK_ABOVE_BYTES:
+    # ---- graph selection: the configs onnx_fused implements get the fused graph, written (and quantized) weight by
+    # weight from the folded weights; the others are traced
+    fused = fused_supports(cfg)
+    if fused:
+        progress(f"onnx: fused graph (GroupQueryAttention, SkipSimplifiedLayerNormalization), {scheme.name}")
+        t0 = time.perf_counter()
+        onnx_fused.write(fw, FUSED_NAMES, out / MODEL, DATA, precision(scheme, fw.layout))
+        times["export_s"] = time.perf_counter() - t0
+        fw.release()
+        release_memory()
+    elif fw.nbytes <= FORK_ABOVE_BYTES:
         write_model(fw, scheme, out, progress, times)
     else:
         # a large model: the trace leaves ~250 MB of unreachable-but-uncollectable heap at 135M parameters, which the
@@ -493,9 +515,9 @@ def export(fw: FoldedWeights, scheme: Scheme, out: Path, ckpt, progress=lambda m
         times["export_s"] = time.perf_counter() - t0
         fw.release()
         release_memory()
+    # ---- end of graph selection
     t0 = time.perf_counter()
     write_probes(out, cfg.dim, inv_gain)
-    fused = fused_supports(cfg)  # graph selection (see write_model): the fused graph has its own genai interface
     gcfg = genai_config(fw, ckpt, fused)
     (out / "genai_config.json").write_text(json.dumps(gcfg, indent=2))
     if ckpt is not None:

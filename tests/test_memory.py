@@ -121,3 +121,28 @@ def test_memory_not_mapped_from_the_file_is_left_alone(tmp_path):
     anon = torch.ones(2**22)
     assert release_file_pages(tmp_path / "absent.safetensors", [anon], []) == 0
     assert anon.sum().item() == 2**22
+
+
+def test_an_export_gives_back_the_checkpoint_pages_and_the_model_reads_them_again(tmp_path):
+    """After an export the checkpoint's mapping holds no resident page (fold's reads go back once folded, the folded
+    weights' shared ones when the backend releases them), and the model, run afterwards (validation's reference),
+    reads the same weights from the file."""
+    import torch
+    from pit_export.models.checkpoint import WEIGHTS, load_checkpoint
+    from safetensors.torch import load_file
+
+    from pit_export.export import export_artifact
+
+    from .conftest import DEFAULT_MODEL
+
+    ckpt = load_checkpoint(DEFAULT_MODEL)
+    weights = ckpt.path / WEIGHTS
+    total = sum(v.float().sum().item() for v in ckpt.model.state_dict().values())  # every page read
+    assert _mapped_rss(weights) > weights.stat().st_size // 2
+    export_artifact(ckpt, "onnx-cpu", tmp_path / "o", "fp32")
+    # whole pages inside each tensor go back; what may stay is the header's page and each tensor's two edge pages
+    edges = 2 * len(ckpt.model.state_dict()) + 1
+    assert _mapped_rss(weights) <= edges * os.sysconf("SC_PAGE_SIZE")
+    stored = load_file(weights)
+    assert all(torch.equal(v, stored[k]) for k, v in ckpt.model.state_dict().items() if k in stored)
+    assert sum(v.float().sum().item() for v in ckpt.model.state_dict().values()) == total

@@ -7,7 +7,11 @@ onnxruntime-genai folders). Counts do not depend on emulation speed or on the ho
     .venv/bin/python benchmarks/emu/count_peers.py [--prompt-len 32] [--decode-steps 4] [--only LABEL,...]
 
 Writes benchmarks/results/peers-arm64.json and its .md (benchmarks/render.py). Artifacts not built yet are listed
-as missing."""
+as missing.
+
+Two attribution variants of our onnx-cpu folder (VARIANTS) are derived by graph edits, with the same codes: gate/up
+as two MatMulNBits without the Split (the builder's layout), and the graph without PIT's two d x d transforms (not a
+valid model: it shows what the rest of the graph costs beside the builder's)."""
 
 from __future__ import annotations
 
@@ -62,6 +66,61 @@ ARTIFACTS = {
     ),
 }
 PAIRS = [("executorch", "ours android", "optimum-executorch"), ("onnx", "ours onnx-cpu", "onnxruntime-genai")]
+VARIANTS = {
+    "ours onnx-cpu (gate/up unpacked)": (
+        "unpacked",
+        "our preset folder with each packed gate/up MatMulNBits split into two (same codes) and no Split node",
+    ),
+    "ours onnx-cpu (no d x d transforms)": (
+        "no_transforms",
+        "our preset folder without embed_proj and head_proj (not a valid model: attribution only)",
+    ),
+}
+
+
+def derive(kind: str, src: Path, dst: Path) -> None:
+    """A variant of our onnx-cpu folder `src` in `dst` (VARIANTS), its weights the same bytes."""
+    import shutil
+
+    import onnx
+    from onnx import helper, numpy_helper
+
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("model.onnx*", "model.ort"))
+    m = onnx.load(src / "model.onnx")
+    g = m.graph
+    inits = {t.name: t for t in g.initializer}
+    producer = {o: n for n in g.node for o in n.output}
+    nodes = []
+    for n in g.node:
+        if kind == "unpacked" and n.op_type == "Split":  # MatMulNBits [x -> gate | up] + Split -> two MatMulNBits
+            mm = producer[n.input[0]]
+            attrs = {a.name: helper.get_attribute_value(a) for a in mm.attribute}
+            half = attrs["N"] // 2
+            q, sc = (numpy_helper.to_array(inits[x]) for x in mm.input[1:3])
+            for part, rows, out in (("gate", slice(0, half), n.output[0]), ("up", slice(half, None), n.output[1])):
+                names = [f"{mm.input[1]}_{part}", f"{mm.input[2]}_{part}"]
+                parts = zip((q, sc), names, strict=True)
+                g.initializer.extend(numpy_helper.from_array(a[rows].copy(), k) for a, k in parts)
+                nodes.append(
+                    helper.make_node(
+                        "MatMulNBits", [mm.input[0], *names], [out], f"{mm.name}_{part}", domain=mm.domain,
+                        **{**attrs, "N": half},
+                    )
+                )  # fmt: skip
+            nodes.remove(mm)
+        elif kind == "no_transforms" and n.name.startswith(("embed/embed_proj/", "head/head_proj/")):
+            for c in g.node:  # readers of its output read its input
+                c.input[:] = [n.input[0] if x == n.output[0] else x for x in c.input]
+        else:
+            nodes.append(n)
+    del g.node[:]
+    g.node.extend(nodes)
+    used = {x for n in g.node for x in n.input}
+    keep = [t for t in g.initializer if t.name in used]
+    del g.initializer[:]
+    g.initializer.extend(keep)
+    onnx.save_model(m, dst / "model.onnx", save_as_external_data=True, location="model.onnx.data", size_threshold=1024)
 
 
 def count(kind: str, path: Path, data, vocab: int, prompt, gen: int) -> int:
@@ -90,7 +149,12 @@ def main() -> None:
     old = json.loads(a.out.read_text()) if a.out.is_file() else {}
     results = old.get("artifacts", {})
     only = [s for s in a.only.split(",") if s]
-    for label, (kind, path, data, what) in ARTIFACTS.items():
+    ours = ARTIFACTS["ours onnx-cpu"][1]
+    for label, (variant, _) in VARIANTS.items():
+        if (not only or label in only) and ours.exists():
+            derive(variant, ours, EX / "variants" / variant / "onnx-cpu")
+    variants = {k: ("genai", EX / "variants" / v / "onnx-cpu", None, w) for k, (v, w) in VARIANTS.items()}
+    for label, (kind, path, data, what) in {**ARTIFACTS, **variants}.items():
         if only and label not in only:
             continue
         if not path.exists():

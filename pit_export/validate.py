@@ -334,12 +334,30 @@ def heldout(ckpt, text: str | None = None, n_windows: int = 1) -> np.ndarray:
 
     if text is None:
         return np.asarray(heldout_windows(ckpt.tokenizer, ckpt.config))
+    import os
+
     try:
-        return np.asarray(text_windows(ckpt.tokenizer, ckpt.config, text, n_windows))
+        st = os.stat(text)
+        key = (id(ckpt.tokenizer), ckpt.config.max_seq_len, os.path.realpath(text), st.st_mtime_ns, st.st_size)
+    except OSError:
+        key = None  # text_windows says why
+    hit = _TEXT_WINDOWS.get(key)
+    if hit is not None and hit[0] is ckpt.tokenizer and len(hit[1]) >= n_windows:
+        return hit[1]  # the CLI checked it before any work: tokenized once per run
+    try:
+        windows = np.asarray(text_windows(ckpt.tokenizer, ckpt.config, text, n_windows))
     except ValueError as e:
         from pit_export.errors import BadInput
 
         raise BadInput(str(e)) from None
+    if key is not None:
+        _TEXT_WINDOWS.clear()  # the one text of this run
+        _TEXT_WINDOWS[key] = (ckpt.tokenizer, windows)  # the tokenizer held: its id is not reused meanwhile
+    return windows
+
+
+# heldout()'s last --eval-text: (tokenizer id, context, file, version) -> (tokenizer, windows)
+_TEXT_WINDOWS: dict[tuple, tuple] = {}
 
 
 def text_source(text: str | None) -> dict:

@@ -342,3 +342,22 @@ def test_eval_text_too_short_is_bad_input(tmp_path, capsys):
         code, _, err = run_cli(capsys, argv)
         assert code == EXIT_BAD_INPUT and "window" in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "o").exists()
+
+
+def test_eval_text_is_tokenized_once_per_run(pit_ckpt, tmp_path, monkeypatch):
+    """The CLI's up-front check and the validation read the same windows: the text is tokenized once, and again
+    when the file changes."""
+    from pit_export.models import train
+    from pit_export.models.corpus import load_heldout
+
+    from pit_export.validate import heldout
+
+    text = tmp_path / "domain.txt"
+    text.write_text("\n\n".join(load_heldout()[:40]))
+    calls = []
+    real = train.text_windows
+    monkeypatch.setattr(train, "text_windows", lambda *a, **k: calls.append(a) or real(*a, **k))
+    first = heldout(pit_ckpt, str(text), 2)
+    assert np.array_equal(heldout(pit_ckpt, str(text), 2), first) and len(calls) == 1
+    text.write_text("\n\n".join(reversed(load_heldout()[:40])))
+    assert not np.array_equal(heldout(pit_ckpt, str(text), 2), first) and len(calls) == 2

@@ -459,7 +459,8 @@ def apply(
         # cost in KL, measured), before the map's own rounding where the backend compresses it (8 bits at most). Fitted
         # to the float head transform: fitted to its rounded value the map inherits that rounding error amplified by
         # cond(T) (KL x2 with int8 transforms on CoreML, measured)
-        source["embed_proj.weight"] = exact_embed_proj(fw, rtn(tensors["table.weight"], backend, 4, 32)).float()
+        gram = rounded_gram(tensors["table.weight"], backend, 4, 32)
+        source["embed_proj.weight"] = exact_embed_proj(fw, gram=gram).float()
         tensors["embed_proj.weight"] = source["embed_proj.weight"].contiguous()
         summary["refit"] = "embed_proj: W E = I for the rounded table"
     for name in (k for k in targets if k in TRANSFORMS):
@@ -511,15 +512,32 @@ def _quad(D: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
     return torch.einsum("ij,jk,ik->", D, H, D)
 
 
-def exact_embed_proj(fw: FoldedWeights, table: torch.Tensor, head_proj: torch.Tensor | None = None) -> torch.Tensor:
+def exact_embed_proj(
+    fw: FoldedWeights,
+    table: torch.Tensor | None = None,
+    head_proj: torch.Tensor | None = None,
+    gram: torch.Tensor | None = None,
+) -> torch.Tensor:
     """shared-z's embed_proj weight for which the interface of `table` (the deployed Z^) is exact: with
     W = unembed(I) = diag(1/g) A Z^T (A = head_proj^T) and E = Z^ P, P = (A Z^T Z^)^-1 diag(g) gives W E = I_d.
     `head_proj`: the deployed head transform (default: the folded one). For Z^ = Z (Z^T Z = I) and the folded head
-    transform this is T^-1, the fold's own map. float64."""
+    transform this is T^-1, the fold's own map. Only Z^T Z is used: `gram` gives it instead of the table. float64."""
     A = (fw.tensors["head_proj.weight"] if head_proj is None else head_proj).double().T
     g = 1.0 / fw.tensors["inv_gain"].double()
-    Z = table.double()
-    return torch.linalg.solve(A @ (Z.T @ Z), torch.diag(g)).T  # as a Linear weight (z @ P = F.linear(z, P^T))
+    if gram is None:
+        Z = table.double()
+        gram = Z.T @ Z
+    return torch.linalg.solve(A @ gram, torch.diag(g)).T  # as a Linear weight (z @ P = F.linear(z, P^T))
+
+
+def rounded_gram(w: torch.Tensor, backend: str, bits: int, group: int) -> torch.Tensor:
+    """R^T R of R = rtn(w), ROW_CHUNK rows at a time: a V x d table's rounded value is never held whole (float64, with
+    the rounding's work space, it was 3.6 GB beside the model at Qwen2.5-0.5B)."""
+    out = torch.zeros(w.shape[1], w.shape[1], dtype=torch.float64)
+    for i in range(0, w.shape[0], ROW_CHUNK):
+        r = rtn(w[i : i + ROW_CHUNK], backend, bits, group)
+        out += r.T @ r
+    return out
 
 
 def hessian(name: str, fw: FoldedWeights, st: Stats, embedding_weight: float = 1.0) -> torch.Tensor:

@@ -295,6 +295,18 @@ def test_calibration_before_rounding_changes_no_logit(seed, layout):
     torch.testing.assert_close(a, b, rtol=0, atol=1e-9 * float(a.abs().max()))
 
 
+@pytest.mark.parametrize("backend", ["onnx", "coreml"])
+def test_rounded_gram_is_the_rounded_tables_gram_by_chunks(backend, monkeypatch):
+    """The re-fit reads R^T R of the rounded table computed ROW_CHUNK rows at a time (here 64 rows, 5 chunks, the last
+    partial): the whole table's rtn, its gram, to float64 rounding (sums of 300 products of magnitude <= max|w|^2)."""
+    monkeypatch.setattr(C, "ROW_CHUNK", 64)
+    w = torch.randn(300, 96, generator=torch.Generator().manual_seed(0))
+    r = C.rtn(w, backend)
+    want = r.T @ r
+    got = C.rounded_gram(w, backend, 4, 32)
+    torch.testing.assert_close(got, want, rtol=0, atol=300 * 2**-52 * float(r.abs().max()) ** 2 * 4)
+
+
 @settings(max_examples=3, deadline=None)
 @given(seed=st.integers(0, 2**16), backend=st.sampled_from(["coreml", "executorch"]))
 def test_refit_embedding_map_makes_the_rounded_interface_exact(seed, backend):

@@ -692,6 +692,9 @@ def render_scale(name: str, d: dict) -> str:
         ),
         "",
     ]
+    notes = [(s["stage"], s[k]) for s in d.get("stages", []) for k in ("measured", "note") if s.get(k)]
+    if notes:
+        lines += [*(f"- {stage}: {text}" for stage, text in notes), ""]
     imp = d.get("import") or {}
     if imp:
         pairs = [(k, value(v)) for k, v in imp.items() if k not in ("out", "source")]

@@ -283,28 +283,16 @@ def _head(g: onnx.GraphProto):
 
 
 def _share_table(g: onnx.GraphProto) -> None:
-    """GatherBlockQuantized over the head's MatMulNBits weight [V, d/32, 32 bits/8] viewed as [V, d bits/8]: the one
-    table, in the head's precision (onnxruntime-genai's layout for tied models)."""
+    """The gather reads the head's MatMulNBits weight (onnx_fused.table_gather): the one table, in the head's
+    precision; the fp32 table and its Transpose go."""
     head = _head(g)
     assert head.op_type == "MatMulNBits", head.op_type
     attrs = {a.name: helper.get_attribute_value(a) for a in head.attribute}
-    V, d = attrs["N"], attrs["K"]
-    shape = numpy_helper.from_array(np.array([V, d * attrs["bits"] // 8], dtype=np.int64), "table_q_shape")
-    g.initializer.append(shape)
     gather = next(n for n in g.node if n.op_type == "Gather" and n.input[1] == "input_ids")
-    nodes = [
-        helper.make_node("Reshape", [head.input[1], shape.name], ["table_q"]),
-        helper.make_node(
-            "GatherBlockQuantized",
-            ["table_q", "input_ids", *head.input[2:4]],
-            list(gather.output),
-            domain="com.microsoft",
-            bits=attrs["bits"],
-            block_size=attrs["block_size"],
-            gather_axis=0,
-            quantize_axis=1,
-        ),
-    ]
+    shape, nodes = onnx_fused.table_gather(
+        list(head.input[1:4]), attrs["N"], attrs["K"], attrs["bits"], attrs["block_size"], gather.output[0]
+    )
+    g.initializer.append(numpy_helper.from_array(shape, "table_q_shape"))
     g.node.remove(_producer(g, gather.input[0]))  # Transpose(lm_head.weight): the fp32 table goes with it
     g.node.remove(gather)
     g.node.extend(nodes)

@@ -173,19 +173,26 @@ class _Graph:
 
     def matmul(self, x: str, wname: str, w: torch.Tensor, out: str, name: str, bits: int | None) -> str:
         """x @ w.T: a MatMul on the fp32 weight, or (bits set) the MatMulNBits onnxruntime's quantizer makes of that
-        MatMul (its names, attributes and codes), quantized CHUNK output columns at a time."""
+        MatMul (its names, attributes and codes)."""
         if bits is None:
             return self.node("MatMul", [x, self.init_t(wname, w)], [out], name)[0]
-        n, k = w.shape
+        return self.matmul_nbits(x, self.nbits(wname, w, bits), out, name, bits, *w.shape)
+
+    def nbits(self, wname: str, w: torch.Tensor, bits: int) -> list[str]:
+        """w [N, K] as the quantizer stores a MatMul weight, quantized CHUNK output columns at a time: the names of
+        its codes, scales (and zero points)."""
         q = self._quantizer(bits)
-        parts = [q.qbits_block_quant(w[i : i + CHUNK].T.float().numpy().copy()) for i in range(0, n, CHUNK)]
+        parts = [q.qbits_block_quant(w[i : i + CHUNK].T.float().numpy().copy()) for i in range(0, len(w), CHUNK)]
         packed, scales, zps = (np.concatenate(p) for p in zip(*parts, strict=True))
-        inputs = [x, self.init(f"{wname}_Q{bits}", packed), self.init(f"{wname}_scales", scales)]
+        names = [self.init(f"{wname}_Q{bits}", packed), self.init(f"{wname}_scales", scales)]
         if not self.precision.symmetric:
-            inputs.append(self.init(f"{wname}_zero_points", zps))
+            names.append(self.init(f"{wname}_zero_points", zps))
+        return names
+
+    def matmul_nbits(self, x: str, weight: list[str], out: str, name: str, bits: int, n: int, k: int) -> str:
         level = {"accuracy_level": self.precision.level} if self.precision.level else {}
         attrs = dict(K=k, N=n, bits=bits, block_size=self.precision.block, **level)
-        return self.node("MatMulNBits", inputs, [out], f"{name}_Q{bits}", MS, **attrs)[0]
+        return self.node("MatMulNBits", [x, *weight], [out], f"{name}_Q{bits}", MS, **attrs)[0]
 
     def gather_q4(self, tname: str, table: torch.Tensor, ids: str, out: str, name: str) -> str:
         """The untied table as onnxruntime's quantizer makes a Gather of it: GatherBlockQuantized, 4-bit blocks along
@@ -265,6 +272,11 @@ def _build(g: _Graph, fw: FoldedWeights, names: dict[str, str]) -> onnx.ModelPro
         head = g.init_t(head_w, _w(fw, "table.weight"))
         (table,) = g.node("Transpose", [head], ["table"], "embed/Transpose", perm=[1, 0])
         g.node("Gather", [table, "input_ids"], [gathered], "embed/Gather", axis=0)
+    else:  # the head's blocks, written now: the gather reads them here and the head below
+        head_q = g.nbits(head_w, _w(fw, "table.weight"), bits)
+        shape, nodes = table_gather(head_q, V, d, bits, prec.block, gathered)
+        g.init("table_q_shape", shape)
+        g.nodes += nodes
     if layout == "shared-z":
         g.matmul(gathered, "embed_proj.weight", _w(fw, "embed_proj.weight"), emb_out, "embed/embed_proj/MatMul", tbits)
 
@@ -312,13 +324,12 @@ def _build(g: _Graph, fw: FoldedWeights, names: dict[str, str]) -> onnx.ModelPro
     h = head_in
     if layout != "untied":
         h = g.matmul(h, "head_proj.weight", _w(fw, "head_proj.weight"), "head_proj", "head/head_proj/MatMul", tbits)
-    head = _w(fw, "output.weight" if layout == "untied" else "table.weight")
-    if layout == "untied" or bits is not None:
-        g.matmul(h, head_w, head, logits, "head/MatMul", bits)
-    else:
+    if layout == "untied":
+        g.matmul(h, head_w, _w(fw, "output.weight"), logits, "head/MatMul", bits)
+    elif bits is None:
         g.node("MatMul", [h, head_w], [logits], "head/MatMul")
-    if layout != "untied" and bits is not None:  # the gather reads the head's blocks
-        _share_table(g, head_w, bits, gathered)
+    else:
+        g.matmul_nbits(h, head_q, logits, "head/MatMul", bits, V, d)
 
     fp = TensorProto.FLOAT
     kv = ["batch", cfg.n_kv_heads, "max_sequence_length", hd]
@@ -331,40 +342,23 @@ def _build(g: _Graph, fw: FoldedWeights, names: dict[str, str]) -> onnx.ModelPro
         helper.make_tensor_value_info(logits, fp, ["batch", "sequence_length", V]),
         *(helper.make_tensor_value_info(n, fp, kv) for n in present),
     ]
-    graph = helper.make_graph(_toposorted(g.nodes), "pit_decoder", inputs, outputs, g.inits)
+    graph = helper.make_graph(g.nodes, "pit_decoder", inputs, outputs, g.inits)
     opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)]
     return helper.make_model(graph, opset_imports=opsets, ir_version=9, producer_name="pit-export")
 
 
-def _share_table(g: _Graph, head_w: str, bits: int, out: str) -> None:
-    """GatherBlockQuantized over the head's MatMulNBits weight [V, d/32, 32 bits/8] viewed as [V, d bits/8]."""
-    head = g.nodes[-1]
-    attrs = {a.name: helper.get_attribute_value(a) for a in head.attribute}
-    V, d = attrs["N"], attrs["K"]
-    shape = g.init("table_q_shape", np.array([V, d * bits // 8], dtype=np.int64))
-    g.nodes.append(helper.make_node("Reshape", [head.input[1], shape], ["table_q"]))
-    gather = ["table_q", "input_ids", *head.input[2:4]]
-    attrs = dict(bits=bits, block_size=attrs["block_size"], gather_axis=0, quantize_axis=1)
-    g.nodes.append(helper.make_node("GatherBlockQuantized", gather, [out], domain=MS, **attrs))
-
-
-def _toposorted(nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
-    """Nodes in an order where each reads only graph inputs, initializers or earlier outputs (the table's gather is
-    written after the head whose weight it reads)."""
-    made = {o for n in nodes for o in n.output if o}
-    done: set[str] = set()
-    out, todo = [], list(nodes)
-    while todo:
-        rest = []
-        for n in todo:
-            if all(x not in made or x in done for x in n.input):
-                out.append(n)
-                done.update(n.output)
-            else:
-                rest.append(n)
-        assert len(rest) < len(todo), "cycle in the fused graph"
-        todo = rest
-    return out
+def table_gather(weight: list[str], V: int, d: int, bits: int, block: int, out: str):
+    """The one table's gather in a quantized compact layout: GatherBlockQuantized over the head's MatMulNBits weight
+    [V, d / block, block bits / 8] viewed as [V, d bits / 8] (onnxruntime-genai's layout for tied models). `weight`:
+    the head's codes, scales (and zero points). Returns the value of the initializer "table_q_shape" and the Reshape
+    and GatherBlockQuantized nodes."""
+    shape = np.array([V, d * bits // 8], dtype=np.int64)
+    gather = ["table_q", "input_ids", *weight[1:3]]
+    attrs = dict(bits=bits, block_size=block, gather_axis=0, quantize_axis=1)
+    return shape, [
+        helper.make_node("Reshape", [weight[0], "table_q_shape"], ["table_q"]),
+        helper.make_node("GatherBlockQuantized", gather, [out], domain=MS, **attrs),
+    ]
 
 
 def _norm(g: _Graph, name: str, residual: str, delta: str | None, weight: torch.Tensor, eps: float) -> tuple[str, str]:

@@ -50,10 +50,11 @@ class PteSession:
     def reset(self):
         pass  # both programs mask or skip cache slots past the current position
 
-    def prefill(self, tokens, start_pos):
+    def prefill(self, tokens, start_pos, last_only=False):
         t = self.torch.as_tensor(np.asarray(tokens), dtype=self.torch.long)
         pos = self.torch.arange(start_pos, start_pos + len(t))
-        return self.forward.execute([t[None], pos])[0].numpy()[0]
+        logits = self.forward.execute([t[None], pos])[0].numpy()[0]
+        return logits[-1:] if last_only else logits
 
     def decode(self, token, pos):
         return self.prefill(np.array([token]), pos)[0]
@@ -79,7 +80,7 @@ class GenaiSession:
         params.set_search_options(max_length=self.max_length, do_sample=False)
         self.gen = self.og.Generator(self.model, params)
 
-    def prefill(self, tokens, start_pos):
+    def prefill(self, tokens, start_pos, last_only=False):  # genai returns the last position's logits
         self.gen.append_tokens(np.asarray(tokens, dtype=np.int32)[None])
         return np.asarray(self.gen.get_logits()).reshape(-1, self.vocab)
 

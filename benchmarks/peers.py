@@ -147,6 +147,26 @@ def export_stages(work: Path, ctx: int) -> dict:
             OFFLINE,
             ex / "genai",
         ),
+        # the builder's own option for what our graph does by default: logits of the last prompt position only
+        "onnxruntime-genai pruned head": (
+            og,
+            [
+                "-i",
+                hf,
+                "-o",
+                ex / "genai-pruned",
+                "-p",
+                "int4",
+                "-e",
+                "cpu",
+                "-c",
+                ex / "genai-cache",
+                "--extra_options",
+                "prune_lm_head=true",
+            ],
+            OFFLINE,
+            ex / "genai-pruned",
+        ),
         "ours import-hf": (
             cli,
             ["import-hf", hf, "--out", pit, "--init", "output", "--max-seq-len", ctx, "--json"],
@@ -216,6 +236,11 @@ def timed_artifacts(work: Path) -> dict:
         "ours onnx-cpu (genai runner)": genai(ours_o, "ours onnx-cpu loaded by onnxruntime-genai, peer_runner.py"),
         f"{og} (native search)": genai(ex / "genai", "genai's generate_next_token (argmax in C++)", native=True),
         "ours onnx-cpu (genai native search)": genai(ours_o, "ours in genai, generate_next_token", native=True),
+        f"{og} pruned head (native search)": genai(
+            ex / "genai-pruned",
+            "the builder with prune_lm_head=true (not its default), generate_next_token",
+            native=True,
+        ),
     }
 
 
@@ -228,6 +253,11 @@ PAIRS = [
     ("onnx: presets (our ORT session vs genai)", "ours onnx-cpu", "onnxruntime-genai"),
     ("onnx: both in genai, same runner", "ours onnx-cpu (genai runner)", "onnxruntime-genai"),
     ("onnx: both in genai, native search", "ours onnx-cpu (genai native search)", "onnxruntime-genai (native search)"),
+    (
+        "onnx: native search, both heads pruned",
+        "ours onnx-cpu (genai native search)",
+        "onnxruntime-genai pruned head (native search)",
+    ),
 ]
 
 

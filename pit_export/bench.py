@@ -193,7 +193,7 @@ def profile_decode(folder: Path, threads: int, prompt_len: int, gen: int) -> dic
     with scratch_dir() as tmp:
         sess = open_session(folder, threads=threads, profile_dir=tmp)
         prompt = prompt_tokens(prompt_len, sess.vocab_size)
-        tok = int(np.argmax(sess.prefill(prompt, 0)[-1]))
+        tok = int(np.argmax(sess.prefill(prompt, 0, last_only=True)[-1]))
         warm = min(2, gen - 1)
         steps = min(32, gen - warm)
         for i in range(warm):

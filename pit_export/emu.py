@@ -121,8 +121,8 @@ class EmulatedSession:
             raise PitError(f"arm64-emu: {op}: {head['error']}")
         return out
 
-    def prefill(self, tokens, start_pos):
-        return self._call("prefill", np.asarray(tokens, dtype=np.int64), start=int(start_pos))
+    def prefill(self, tokens, start_pos, last_only=False):
+        return self._call("prefill", np.asarray(tokens, dtype=np.int64), start=int(start_pos), last=bool(last_only))
 
     def decode(self, token, pos):
         return self._call("decode", token=int(token), pos=int(pos))
@@ -172,7 +172,7 @@ def host_logits(folder: Path, prompt: np.ndarray, tokens: list[int]) -> tuple[np
     from pit_export.runtimes import open_session
 
     sess = open_session(folder, threads=1)
-    pre = sess.prefill(prompt, 0)
+    pre = sess.prefill(prompt, 0, last_only=True)  # as the emulated run's timed_run
     dec = np.stack([sess.decode(t, len(prompt) + i) for i, t in enumerate(tokens[:-1])])
     sess.close()
     return pre, dec

@@ -19,8 +19,10 @@ class Session(Protocol):
     hidden_size: int
     max_seq_len: int
 
-    def prefill(self, tokens: np.ndarray, start_pos: int) -> np.ndarray:
-        """Run tokens [n] at positions start_pos.. ; returns logits [n, V]. Positions >= start_pos are overwritten."""
+    def prefill(self, tokens: np.ndarray, start_pos: int, last_only: bool = False) -> np.ndarray:
+        """Run tokens [n] at positions start_pos.. ; returns logits [n, V], or [1, V] for the last position with
+        last_only (a runtime whose graph can skip the head for the other rows does). Positions >= start_pos are
+        overwritten."""
 
     def decode(self, token: int, pos: int) -> np.ndarray:
         """One token at position pos; returns logits [V]."""
@@ -81,10 +83,10 @@ class CheckedSession:
                 f"[0, {self.inner.max_seq_len})"
             )
 
-    def prefill(self, tokens, start_pos: int) -> np.ndarray:
+    def prefill(self, tokens, start_pos: int, last_only: bool = False) -> np.ndarray:
         t = self._tokens(tokens, "prefill")
         self._positions(start_pos, len(t))
-        return self.inner.prefill(t, int(start_pos))
+        return self.inner.prefill(t, int(start_pos), last_only=last_only)
 
     def decode(self, token: int, pos: int) -> np.ndarray:
         t = self._tokens([token], "decode")
@@ -140,7 +142,7 @@ def decode_loop(
         raise ValueError("empty prompt")
     n = min(max_new, session.max_seq_len - len(prompt))
     session.reset()
-    logits = session.prefill(np.asarray(prompt, dtype=np.int64), 0)[-1]
+    logits = session.prefill(np.asarray(prompt, dtype=np.int64), 0, last_only=True)[-1]
     out: list[int] = []
     for i in range(n):
         tok = pick(logits)

@@ -34,7 +34,7 @@ class _PackageSession:
         self.hidden_size = json.loads((folder / "config.json").read_text())["dim"]
         self.name = f"{self.runtime} ({self.scheme}, {self.layout})"
 
-    def prefill(self, tokens, start_pos):
+    def prefill(self, tokens, start_pos, last_only=False):
         tokens = np.asarray(tokens, dtype=np.int32).reshape(-1)
         n = len(tokens)
         if n == 0 or start_pos < 0 or start_pos + n > self.max_seq_len:
@@ -42,7 +42,8 @@ class _PackageSession:
         feeds = {"tokens": tokens[None], "causal_mask": causal_mask(start_pos, n, self.mask_neg)}
         if self.window is not None:
             feeds["sliding_mask"] = causal_mask(start_pos, n, self.mask_neg, self.window)
-        return self._call("main", feeds, "logits")[0]
+        logits = self._call("main", feeds, "logits")[0]
+        return logits[-1:] if last_only else logits
 
     def decode(self, token, pos):
         return self.prefill(np.array([token]), pos)[0]

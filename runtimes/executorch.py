@@ -49,7 +49,11 @@ class ExecuTorchSession:
         md = et["metadata"]
         self.name = f"executorch xnnpack ({meta['scheme']}, {meta['layout']})"
         self.scheme, self.layout = meta["scheme"], meta["layout"]
-        self.vocab_size, self.max_seq_len = md["get_vocab_size"], md["get_max_seq_len"]
+        self.vocab_size = md["get_vocab_size"]
+        # the context, and the tokens one forward call takes (fewer where sliding layers keep a ring buffer: the
+        # window); a ring holds the last 2 x window positions, so a prefill rewinds at most `chunk` + 1 behind
+        self.max_seq_len = md.get("get_max_context_len", md["get_max_seq_len"])
+        self.chunk = md["get_max_seq_len"]
         self.hidden_size = json.loads((folder / "config.json").read_text())["dim"]
         self.max_rows = et.get("probe_rows", {"embed": self.vocab_size, "unembed": self.vocab_size})
 
@@ -71,7 +75,7 @@ class ExecuTorchSession:
             self._load(method)
         return self.methods[method].execute(list(inputs))[0].numpy()
 
-    def prefill(self, tokens, start_pos):
+    def prefill(self, tokens, start_pos, last_only=False):
         tokens = torch.as_tensor(np.asarray(tokens), dtype=torch.long)
         if not 0 <= start_pos <= start_pos + len(tokens) <= self.max_seq_len or len(tokens) == 0:
             raise ValueError(f"positions {start_pos}..{start_pos + len(tokens)} outside 1..{self.max_seq_len}")
@@ -79,10 +83,18 @@ class ExecuTorchSession:
             self._load("forward")
         if start_pos > self.filled:
             raise ValueError(f"prefill at {start_pos} does not follow the cache, filled up to {self.filled}")
-        pos = torch.arange(start_pos, start_pos + len(tokens))
-        out = self._run("forward", tokens[None], pos)[0]
+        if self.chunk < self.max_seq_len and 0 < start_pos < self.filled - self.chunk - 1:
+            raise ValueError(
+                f"prefill at {start_pos}: the sliding layers' ring holds positions from "
+                f"{self.filled - 2 * self.chunk} on (start at 0 or within {self.chunk + 1} of {self.filled})"
+            )
+        outs = []
+        for i in range(0, len(tokens), self.chunk):  # as the LLM runner prefills a prompt longer than a call takes
+            part = tokens[i : i + self.chunk]
+            pos = torch.arange(start_pos + i, start_pos + i + len(part))
+            outs.append(self._run("forward", part[None], pos)[0])
         self.filled = start_pos + len(tokens)
-        return out
+        return outs[-1][-1:] if last_only else np.concatenate(outs)
 
     def decode(self, token, pos):
         return self.prefill(np.array([token]), pos)[0]

@@ -10,9 +10,14 @@ import onnxruntime as ort
 
 from .base import register
 
+KEEP = "logits_to_keep"  # pit_export.export.onnx_fused.KEEP (runtimes do not import the exporter)
+
 
 def _session(path: Path, threads: int | None, profile_dir: str | None = None) -> ort.InferenceSession:
     so = ort.SessionOptions()
+    # warnings off: a graph with logits_to_keep declares logits [b, 1, V] (what onnxruntime-genai reads as a pruned
+    # head) and ORT warns on each run that feeds 0 (every row); errors still raise
+    so.log_severity_level = 3
     if profile_dir:  # ORT's per-node trace (chrome tracing JSON), read back by op_profile()
         so.enable_profiling = True
         so.profile_file_prefix = str(Path(profile_dir) / "ort")
@@ -51,6 +56,8 @@ class OrtSession:
         search = json.loads(genai.read_text()).get("search", {}) if genai.is_file() else {}
         self.shared_buffer = bool(search.get("past_present_share_buffer", False))
         self.has_position_ids = "position_ids" in {i.name for i in self.model.get_inputs()}
+        # logits_to_keep (an overridable initializer): the head computes the last row only unless fed 0
+        self.keeps = KEEP in {i.name for i in self.model.get_overridable_initializers()}
         self.reset()
 
     def reset(self):
@@ -58,7 +65,7 @@ class OrtSession:
         self.filled = 0  # positions held in the shared buffers
         self.buffers: list[ort.OrtValue] = []  # shared-buffer mode: [1, H_kv, capacity, hd] per past/present pair
 
-    def prefill(self, tokens, start_pos):
+    def prefill(self, tokens, start_pos, last_only=False):
         tokens = np.asarray(tokens, dtype=np.int64)
         n = len(tokens)
         held = self.filled if self.shared_buffer else self.past[0].shape[2]
@@ -67,12 +74,15 @@ class OrtSession:
         feeds = {"input_ids": tokens[None], "attention_mask": np.ones((1, start_pos + n), np.int64)}
         if self.has_position_ids:
             feeds["position_ids"] = np.arange(start_pos, start_pos + n, dtype=np.int64)[None]
+        if self.keeps and not last_only:
+            feeds[KEEP] = np.zeros(1, np.int64)
         if self.shared_buffer:
-            return self._run_in_place(feeds, start_pos + n)
-        feeds |= {k: p[:, :, :start_pos] for k, p in zip(self.past_names, self.past, strict=True)}
-        logits, *present = self._open_model().run(self.out_names, feeds)
-        self.past = present
-        return logits[0]
+            logits = self._run_in_place(feeds, start_pos + n)
+        else:
+            feeds |= {k: p[:, :, :start_pos] for k, p in zip(self.past_names, self.past, strict=True)}
+            out, *self.past = self._open_model().run(self.out_names, feeds)
+            logits = out[0]
+        return logits[-1:] if last_only else logits
 
     def _run_in_place(self, feeds: dict, total: int) -> np.ndarray:
         """onnxruntime-genai's past_present_share_buffer: each layer's past and present are one buffer, bound as both
@@ -82,6 +92,15 @@ class OrtSession:
         if total > capacity:
             self._grow(min(self.max_seq_len, max(total, 2 * capacity, 64)))
         sess = self._open_model()
+        if KEEP in feeds:
+            # IOBinding does not take an overridable initializer: a plain run, whose present outputs are new buffers
+            # of the same capacity holding past + new (GroupQueryAttention copies when the two are not one buffer)
+            ins = {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in feeds.items()}
+            ins |= dict(zip(self.past_names, self.buffers, strict=True))
+            presents = [name.replace("past_key_values", "present") for name in self.past_names]
+            logits, *self.buffers = sess.run_with_ort_values([self.out_names[0], *presents], ins)
+            self.filled = total
+            return logits.numpy()[0]
         io = sess.io_binding()
         for k, v in feeds.items():
             io.bind_cpu_input(k, v)

@@ -27,10 +27,10 @@ class ReferenceSession:
             torch.set_num_threads(threads)
 
     @torch.no_grad()
-    def prefill(self, tokens, start_pos):
+    def prefill(self, tokens, start_pos, last_only=False):
         self.history = self.history[:start_pos] + [int(t) for t in tokens]
         logits = self.model(torch.tensor([self.history]))[0, start_pos:]
-        return logits.numpy()
+        return logits[-1:].numpy() if last_only else logits.numpy()
 
     def decode(self, token, pos):
         return self.prefill(np.array([token]), pos)[0]
@@ -116,10 +116,11 @@ class FoldedSession:
             torch.set_num_threads(threads)
 
     @torch.no_grad()
-    def prefill(self, tokens, start_pos):
+    def prefill(self, tokens, start_pos, last_only=False):
         tokens = torch.as_tensor(np.asarray(tokens), dtype=torch.long)
         pos = torch.arange(start_pos, start_pos + len(tokens))
-        return self.decoder(tokens[None], pos)[0].numpy()
+        logits = self.decoder(tokens[None], pos)[0]
+        return logits[-1:].numpy() if last_only else logits.numpy()
 
     def decode(self, token, pos):
         return self.prefill(np.array([token]), pos)[0]

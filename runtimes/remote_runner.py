@@ -66,7 +66,7 @@ def count(args: dict) -> dict:
     """Exactly one prefill of the prompt and `gen` greedy decode steps: the instruction counter's workload."""
     sess = open_session(args["folder"], 1)
     prompt = np.asarray(args["prompt"], dtype=np.int64)
-    tok = int(np.argmax(sess.prefill(prompt, 0)[-1]))
+    tok = int(np.argmax(sess.prefill(prompt, 0, last_only=True)[-1]))
     for i in range(args["gen"]):
         tok = int(np.argmax(sess.decode(tok, len(prompt) + i)))
     return {"last_token": tok}
@@ -92,7 +92,7 @@ def serve(args: dict) -> None:
         op = head["op"]
         try:
             if op == "prefill":
-                res = sess.prefill(arr, head["start"])
+                res = sess.prefill(arr, head["start"], last_only=head.get("last", False))
             elif op == "decode":
                 res = sess.decode(head["token"], head["pos"])
             elif op in ("embed", "unembed"):

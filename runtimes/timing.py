@@ -17,7 +17,7 @@ def timed_run(sess, prompt: np.ndarray, gen: int, keep_logits: bool = False) -> 
     """One greedy run: prefill (time to first token includes picking it), then `gen` timed decode steps."""
     sess.reset()
     t0 = time.perf_counter()
-    prefill = sess.prefill(prompt, 0)
+    prefill = sess.prefill(prompt, 0, last_only=True)
     tok = int(np.argmax(prefill[-1]))
     ttft = time.perf_counter() - t0
     tokens, steps, logits = [tok], [], []

@@ -155,6 +155,18 @@ def test_target_matches_transformers(name, target, family, tmp_path):
     export_artifact(load_checkpoint(pit), target, tmp_path / target, scheme="fp32")
     session = open_session(tmp_path / target)
     assert_parity(session_logits(session, seq), want, f"{name} {target}")
+    if target == "android" and load_checkpoint(pit).config.has_sliding:
+        # sliding layers keep a ring of 2 x window slots (ExecuTorch's RingKVCache): a forward call takes up to the
+        # window, so the runner (and the session) prefill the 20-token prompt in calls of 8, and the 28 positions
+        # above wrapped the 16 slots; a prefill rewinding within the ring repeats the first pass, one past it is refused
+        md = json.loads((tmp_path / target / "pit_export.json").read_text())["executorch"]["metadata"]
+        assert (md["get_max_seq_len"], md["get_max_context_len"]) == (WINDOW, load_checkpoint(pit).config.max_seq_len)
+        n = len(seq) - 1
+        first = session.prefill(np.asarray(seq[:n]), 0)
+        again = session.prefill(np.asarray(seq[n - 5 : n]), n - 5)
+        np.testing.assert_allclose(again, first[n - 5 :], atol=1e-5 * np.abs(first).max())
+        with pytest.raises(ValueError, match="ring"):
+            session.prefill(np.asarray(seq[2:4]), 2)
     session.close()
     if target == "onnx-cpu":
         from pit_export.runtimes.genai import genai_greedy

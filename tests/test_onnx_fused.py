@@ -69,7 +69,7 @@ def test_default_graph_is_fused(int4_dir, pit_ckpt):
     gqa = next(n for n in g.node if n.op_type == "GroupQueryAttention")
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in gqa.attribute}
     assert attrs["do_rotary"] == 1 and attrs["rotary_interleaved"] == 0
-    assert {i.name for i in g.input} == {"input_ids", "attention_mask"} | {
+    assert {i.name for i in g.input} == {"input_ids", "attention_mask", "logits_to_keep"} | {
         f"past_key_values.{i}.{kv}" for i in range(L) for kv in ("key", "value")
     }
     genai = json.loads((int4_dir / "genai_config.json").read_text())
@@ -137,6 +137,39 @@ def test_shared_buffer_grows_and_rewinds(int4_dir, heldout):
     assert s.inner.buffers[0].shape()[2] > capacity
     np.testing.assert_allclose(np.concatenate(parts), full, atol=1e-3 * np.abs(full).max())
     np.testing.assert_allclose(s.prefill(w[150:], 150), full[150:], atol=1e-3 * np.abs(full).max())
+
+
+def test_head_computes_the_rows_asked_for(int4_dir, heldout):
+    """logits_to_keep: unfed (onnxruntime-genai's case) the head runs on the last position only and the graph says so
+    (logits [b, 1, V]: genai's pruned-head models); 0 gives every position, k the last k, with the same values."""
+    import onnxruntime as ort
+
+    out = next(o for o in graph(int4_dir).output if o.name == "logits")
+    assert out.type.tensor_type.shape.dim[1].dim_value == 1
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(str(int4_dir / "model.onnx"), so, providers=["CPUExecutionProvider"])
+    assert [i.name for i in sess.get_overridable_initializers()] == ["logits_to_keep"]
+    w = np.asarray(heldout[0, :40], dtype=np.int64)[None]
+    cfg = json.loads((int4_dir / "config.json").read_text())
+    kv = np.zeros((1, cfg["n_kv_heads"], 64, cfg["dim"] // cfg["n_heads"]), np.float32)
+    feeds = {"input_ids": w, "attention_mask": np.ones_like(w)}
+    feeds |= {i.name: kv for i in sess.get_inputs() if i.name.startswith("past_key_values.")}
+
+    def run(**keep):
+        return sess.run(["logits"], feeds | {k: np.array([v], np.int64) for k, v in keep.items()})[0][0]
+
+    full, last, three = run(logits_to_keep=0), run(), run(logits_to_keep=3)
+    assert full.shape[0] == 40 and last.shape[0] == 1 and three.shape[0] == 3
+    # the same rows through the same kernels; MatMulNBits' int8 activation blocks are per row, so M does not enter
+    tol = 1e-5 * np.abs(full).max()
+    np.testing.assert_allclose(last, full[-1:], atol=tol)
+    np.testing.assert_allclose(three, full[-3:], atol=tol)
+    # our Session asks for every row unless told otherwise
+    s = open_session(int4_dir)
+    np.testing.assert_allclose(s.prefill(w[0], 0), full, atol=tol)
+    s.reset()
+    np.testing.assert_allclose(s.prefill(w[0], 0, last_only=True), full[-1:], atol=tol)
 
 
 def _builder_export(tmp_path, cfg: ModelConfig, tokenizer):

@@ -64,8 +64,19 @@ ARTIFACTS = {
         "onnxruntime-genai 0.18.0 builder -p int4: MatMulNBits (block 32, accuracy_level 4), "
         "GroupQueryAttention, one 4-bit GatherBlockQuantized table shared with the head",
     ),
+    "onnxruntime-genai pruned head": (
+        "genai",
+        EX / "genai-pruned",
+        None,
+        "the same builder export with --extra_options prune_lm_head=true (not its default): the head on the last "
+        "prompt position only, as ours by default",
+    ),
 }
-PAIRS = [("executorch", "ours android", "optimum-executorch"), ("onnx", "ours onnx-cpu", "onnxruntime-genai")]
+PAIRS = [
+    ("executorch", "ours android", "optimum-executorch"),
+    ("onnx", "ours onnx-cpu", "onnxruntime-genai"),
+    ("onnx, both heads pruned", "ours onnx-cpu", "onnxruntime-genai pruned head"),
+]
 VARIANTS = {
     "ours onnx-cpu (gate/up unpacked)": (
         "unpacked",

@@ -25,7 +25,7 @@ def main(a: dict) -> dict:
         sess = peer_runner.GenaiSession(a["path"], 1, len(prompt) + a["gen"] + 1)
         sess.vocab = a["vocab"]
     sess.reset()
-    tok = int(np.argmax(sess.prefill(prompt, 0)[-1]))
+    tok = int(np.argmax(sess.prefill(prompt, 0, last_only=True)[-1]))
     for i in range(a["gen"]):
         tok = int(np.argmax(sess.decode(tok, len(prompt) + i)))
     return {"last_token": tok}

@@ -33,6 +33,7 @@ from torch.export import export as torch_export
 from pit_export.decoder import CachedAttention, Decoder, FoldedWeights
 from pit_export.errors import BadInput
 from pit_export.export.lean_lowering import LeanReport, lean_lowering, wants_lean
+from pit_export.models.pit import allowed
 from pit_export.quantize import Scheme
 
 PTE, DATA_TAG = "model.pte", "model"  # weights file: DATA_TAG.ptd
@@ -62,9 +63,12 @@ class CustomOpAttention(CachedAttention):
 
     def __init__(self, cfg, layer: int = 0):
         super().__init__(cfg, layer)
-        shape = (1, cfg.max_seq_len, cfg.n_kv_heads, cfg.head_dim)
+        self.window, self.ring = cfg.sliding_window, ring_size(cfg) if self.sliding else None
+        shape = (1, self.ring or cfg.max_seq_len, cfg.n_kv_heads, cfg.head_dim)
         self.register_buffer("k_cache", torch.zeros(shape), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape), persistent=False)
+        if self.ring:  # the position each ring slot holds, -1 for none
+            self.register_buffer("slot_pos", torch.full((self.ring,), -1), persistent=False)
         self.max_seq_len = cfg.max_seq_len
 
     def forward(self, x, ropes, masks, input_pos):
@@ -73,12 +77,43 @@ class CustomOpAttention(CachedAttention):
         start = input_pos[0].item()
         torch._check_is_size(start)
         torch._check(start + s <= self.max_seq_len)
+        if self.ring:
+            return self.wo(self._ring_attention(q, k, v, start, input_pos).reshape(b, s, -1))
         torch.ops.llama.update_cache(k, self.k_cache, start)
         torch.ops.llama.update_cache(v, self.v_cache, start)
-        # sliding layers: the window as an additive [s, max_seq_len] mask over the same cache (is_causal off)
+        # sliding layers below ring_size: the window as an additive [s, max_seq_len] mask over the same cache
         mask = torch.where(masks["sliding"], 0.0, float("-inf")) if self.sliding else None
         y = torch.ops.llama.custom_sdpa(q, self.k_cache, self.v_cache, start, mask, 0.0, mask is None, self.scale)
         return self.wo(y.reshape(b, s, -1))
+
+    def _ring_attention(self, q, k, v, start, input_pos):
+        """A sliding layer's ring buffer, as ExecuTorch's RingKVCache / CustomRingKVCache: 2 x window slots, position
+        p in slot p mod ring (llama::update_cache_with_indices), the mask read from the positions the slots hold.
+        Slots holding positions >= start are emptied first, so a prefill may rewind within what the ring holds, and a
+        sequence's first call (start 0) empties every slot: ExecuTorch serializes no initial value for a mutated
+        buffer, and none is needed. A
+        call of s <= window + 1 tokens keeps every key its queries need (metadata: get_max_seq_len = window)."""
+        idx = input_pos % self.ring
+        self.slot_pos.copy_(torch.where(self.slot_pos >= start, -1, self.slot_pos))
+        self.slot_pos.index_copy_(0, idx, input_pos)
+        torch.ops.llama.update_cache_with_indices(k, self.k_cache, start, idx[None])
+        torch.ops.llama.update_cache_with_indices(v, self.v_cache, start, idx[None])
+        ok = allowed(input_pos, self.slot_pos, self.window) & (self.slot_pos >= 0)
+        mask = torch.where(ok, 0.0, float("-inf"))
+        return torch.ops.llama.custom_sdpa(q, self.k_cache, self.v_cache, 0, mask, 0.0, False, self.scale)
+
+    def reset_cache(self) -> None:
+        super().reset_cache()
+        if self.ring:
+            self.slot_pos.fill_(-1)
+
+
+def ring_size(cfg) -> int | None:
+    """Slots of a sliding layer's ring buffer (ExecuTorch's choice, 2 x window: a call of up to window tokens never
+    overwrites a key its own queries need), or None where the full cache is no larger."""
+    if not cfg.has_sliding or 2 * cfg.sliding_window >= cfg.max_seq_len:
+        return None
+    return 2 * cfg.sliding_window
 
 
 class EtDecoder(Decoder):
@@ -146,7 +181,7 @@ def quantize(dec: nn.Module, scheme: Scheme) -> None:
 def metadata(cfg) -> dict:
     """Constant methods read by ExecuTorch's LLM runner (extension/llm/runner; keys as in export_llama_lib)."""
     return {
-        "get_max_seq_len": cfg.max_seq_len,
+        "get_max_seq_len": max_call(cfg),  # tokens per forward call: the runner prefills longer prompts in chunks
         "get_max_context_len": cfg.max_seq_len,
         "get_vocab_size": cfg.vocab_size,
         "get_n_layers": cfg.n_layers,
@@ -158,12 +193,17 @@ def metadata(cfg) -> dict:
     }
 
 
+def max_call(cfg) -> int:
+    """Tokens one forward call takes: the context, or the window where sliding layers keep a ring buffer."""
+    return cfg.sliding_window if ring_size(cfg) else cfg.max_seq_len
+
+
 def export_programs(dec: Decoder) -> dict:
     """torch.export of the three methods. Bounds are explicit: the mask is [n, max_seq_len] (no slicing by n), so
     the full context 1..max_seq_len survives as a dynamic range; embed/unembed take up to probe_rows() per call."""
     cfg = dec.cfg
     bounds = probe_rows(cfg)
-    seq, rows = Dim("seq", min=1, max=cfg.max_seq_len), Dim("rows", min=1, max=bounds["embed"])
+    seq, rows = Dim("seq", min=1, max=max_call(cfg)), Dim("rows", min=1, max=bounds["embed"])
     hrows = Dim("hrows", min=1, max=bounds["unembed"])
     ex = torch.arange(2)
     with torch.no_grad():

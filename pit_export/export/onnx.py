@@ -9,7 +9,9 @@ says which KV interface it has (past_present_share_buffer). What follows describ
 
 Files written:
     model.onnx, model.onnx.data   the decoder: input_ids, attention_mask, position_ids, past_key_values.{i}.key/value
-                                  -> logits, present.{i}.key/value (present = concat(past, new); past may be empty)
+                                  [, logits_to_keep] -> logits, present.{i}.key/value (present = concat(past, new);
+                                  past may be empty); logits of the last position unless logits_to_keep says more
+                                  (onnx_fused.keep_rows: 0 = every position)
     embed.onnx, unembed.onnx      round-trip probes cut out of model.onnx; their weights point into model.onnx.data,
                                   so they read exactly the deployed (quantized) bytes and add no size
     model.ort                     ORT mobile format of model.onnx (weights inside), for onnxruntime-mobile on phones
@@ -187,6 +189,16 @@ def canonicalize(model: onnx.ModelProto, layout: str, base_dir: Path) -> None:
     if layout != "untied":
         h = _producer(g, h).input[0]
     _rename(g, h, HEAD_IN)
+    # the head reads the last logits_to_keep rows of the final norm's output (onnx_fused.keep_rows)
+    norm = _producer(g, HEAD_IN)
+    norm.output[list(norm.output).index(HEAD_IN)] = onnx_fused.ROWS
+    consts, nodes = onnx_fused.keep_rows(onnx_fused.ROWS, HEAD_IN)
+    g.initializer.extend(numpy_helper.from_array(v, k) for k, v in consts.items())
+    g.node.extend(nodes)
+    g.input.append(helper.make_tensor_value_info(onnx_fused.KEEP, TensorProto.INT64, [1]))
+    logits = next(o for o in g.output if o.name == LOGITS).type.tensor_type.shape.dim[1]
+    logits.Clear()
+    logits.dim_value = 1
     _toposort(g)
 
 
@@ -397,6 +409,7 @@ def to_ort_format(src: Path, dst: Path) -> None:
 
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    so.log_severity_level = 3  # not the note that logits_to_keep, an overridable input, is not a constant
     so.optimized_model_filepath = str(dst)
     so.add_session_config_entry("session.save_model_format", "ORT")
     so.add_session_config_entry("session.disable_prepacking", "1")  # packed weights are not saved: a copy for nothing

@@ -23,10 +23,11 @@ through onnxruntime's own MatMulNBits quantizer (DefaultWeightOnlyQuantizer, the
 graph) and is written to the data file at once, so no fp32 copy of the model is ever held as a proto. The result is
 onnx.quantize's graph, initializer for initializer (tests/test_onnx_fused.py checks it).
 
-Inputs: input_ids [b, s], attention_mask [b, total] (int64), past_key_values.{i}.key/value [b, H_kv, max, hd];
-outputs: logits [b, s, V], present.{i}.key/value (the same buffers when bound in place, as onnxruntime-genai does with
-past_present_share_buffer). GroupQueryAttention reads the positions from the mask: seqlens_k = sum(mask) - 1,
-total_sequence_length = mask.shape[1]; new tokens sit at total - s .. total - 1.
+Inputs: input_ids [b, s], attention_mask [b, total] (int64), past_key_values.{i}.key/value [b, H_kv, max, hd],
+optionally logits_to_keep [1] (default 1: the head computes the last position's logits only; 0: every position);
+outputs: logits [b, 1, V] (by default), present.{i}.key/value (the same buffers when bound in place, as
+onnxruntime-genai does with past_present_share_buffer). GroupQueryAttention reads the positions from the mask:
+seqlens_k = sum(mask) - 1, total_sequence_length = mask.shape[1]; new tokens sit at total - s .. total - 1.
 """
 
 from __future__ import annotations
@@ -68,6 +69,8 @@ IMPLEMENTED = {
     "rope_scaling",  # in the cos/sin tables (rope_tables)
     "attn_scale",  # GroupQueryAttention's scale
 }
+KEEP = "logits_to_keep"  # an overridable input: how many last positions get logits (keep_rows)
+ROWS = "final_hidden_rows"  # the final norm's output for every position, before keep_rows
 INLINE_BELOW = 1024  # bytes: smaller tensors stay in the proto (onnx.py's save_external rule)
 CHUNK = 4096  # output columns (or table rows) quantized or written at a time: bounds the transient copies
 
@@ -312,15 +315,19 @@ def _build(g: _Graph, fw: FoldedWeights, names: dict[str, str]) -> onnx.ModelPro
         delta = g.matmul(h, f"{f}.w2.weight", _w(fw, f"{f}.w2.weight"), f"{p}/ffn_out", f"{p}/w2/MatMul", bits)
         delta = g.bias(delta, f"{p}/w2", fw.tensors.get(f"{f}.w2.bias"))
 
-    # final RMSNorm (gain folded into the head: a ones weight) and head
+    # final RMSNorm (gain folded into the head: a ones weight), the rows kept for the head, and the head
     g.node(
         "SkipSimplifiedLayerNormalization",
         [residual, delta, g.init("norm.ones", np.ones(d, np.float32))],
-        [head_in],
+        [ROWS],
         "final_norm/SkipSimplifiedLayerNormalization",
         MS,
         epsilon=cfg.norm_eps,
     )
+    consts, nodes = keep_rows(ROWS, head_in)
+    for name, value in consts.items():
+        g.init(name, value)
+    g.nodes += nodes
     h = head_in
     if layout != "untied":
         h = g.matmul(h, "head_proj.weight", _w(fw, "head_proj.weight"), "head_proj", "head/head_proj/MatMul", tbits)
@@ -337,14 +344,34 @@ def _build(g: _Graph, fw: FoldedWeights, names: dict[str, str]) -> onnx.ModelPro
         helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence_length"]),
         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total_sequence_length"]),
         *(helper.make_tensor_value_info(n, fp, kv) for n in past),
+        helper.make_tensor_value_info(KEEP, TensorProto.INT64, [1]),
     ]
     outputs = [
-        helper.make_tensor_value_info(logits, fp, ["batch", "sequence_length", V]),
+        helper.make_tensor_value_info(logits, fp, ["batch", 1, V]),
         *(helper.make_tensor_value_info(n, fp, kv) for n in present),
     ]
     graph = helper.make_graph(g.nodes, "pit_decoder", inputs, outputs, g.inits)
     opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)]
     return helper.make_model(graph, opset_imports=opsets, ir_version=9, producer_name="pit-export")
+
+
+def keep_rows(src: str, out: str) -> tuple[dict[str, np.ndarray], list[onnx.NodeProto]]:
+    """out = src[:, -logits_to_keep:] (Slice on axis 1): the rows the head computes logits for. logits_to_keep is an
+    initializer listed among the graph inputs, so a caller may feed it: by default 1, the last position only, as
+    onnxruntime-genai's pruned-head models (its builder's prune_lm_head; genai reads logits dim 1 == 1 and takes them
+    as the last token's); 0 keeps every row (transformers' logits_to_keep), which validation feeds. Returns the
+    constants (name -> value) and the nodes."""
+    consts = {
+        KEEP: np.array([1], np.int64),
+        "keep_rows_end": np.array([np.iinfo(np.int64).max], np.int64),
+        "keep_rows_axis": np.array([1], np.int64),
+    }
+    return consts, [
+        helper.make_node("Neg", [KEEP], ["keep_rows_start"], "head/keep_rows/Neg"),
+        helper.make_node(
+            "Slice", [src, "keep_rows_start", "keep_rows_end", "keep_rows_axis"], [out], "head/keep_rows/Slice"
+        ),
+    ]
 
 
 def table_gather(weight: list[str], V: int, d: int, bits: int, block: int, out: str):

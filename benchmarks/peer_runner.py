@@ -180,5 +180,56 @@ def main(args: dict) -> dict:
     }
 
 
+def paired(args: dict) -> dict:
+    """Two genai folders in one process, genai's own loop, their work interleaved: per repeat both prefill (in turn),
+    then decode step i of one and step i of the other back to back, so a change in the host's speed falls on both
+    within milliseconds. Returns {"a": record, "b": record} with main()'s timing fields (no memory fields: one
+    process holds both)."""
+    n, gen, repeats, threads = args["prompt_len"], args["gen"], args["repeats"], args["threads"]
+    sess = {k: GenaiSession(args[k], threads, n + gen + 1) for k in ("a", "b")}
+    prompt = prompt_tokens(n, args["vocab"])
+    runs = {k: [] for k in sess}
+    for r in range(repeats + 1):  # the first is the warm-up
+        order = list(sess) if r % 2 == 0 else list(sess)[::-1]
+        ttft, steps, tokens = {}, {k: [] for k in sess}, {}
+        for k in order:
+            sess[k].reset()
+            g = sess[k].gen
+            t0 = time.perf_counter()
+            g.append_tokens(prompt.astype(np.int32)[None])
+            g.generate_next_token()
+            ttft[k], tokens[k] = time.perf_counter() - t0, [int(g.get_next_tokens()[0])]
+        for _ in range(gen):
+            for k in order:
+                g = sess[k].gen
+                t = time.perf_counter()
+                g.generate_next_token()
+                steps[k].append(time.perf_counter() - t)
+                tokens[k].append(int(g.get_next_tokens()[0]))
+        if r:
+            for k in sess:
+                runs[k].append({"ttft": ttft[k], "steps": steps[k], "tokens": tokens[k]})
+    out = {}
+    for k, rs in runs.items():
+        st = [s for r in rs for s in r["steps"]]
+        out[k] = {
+            "threads": threads,
+            "prompt_len": n,
+            "gen": gen,
+            "repeats": repeats,
+            "prefill_tok_s": statistics.median(n / r["ttft"] for r in rs),
+            "decode_tok_s": statistics.median(len(r["steps"]) / sum(r["steps"]) for r in rs),
+            "decode_tok_s_p50": 1 / float(np.percentile(st, 50)),
+            "ttft_ms": 1e3 * statistics.median(r["ttft"] for r in rs),
+            "step_p50_ms": 1e3 * float(np.percentile(st, 50)),
+            "step_p90_ms": 1e3 * float(np.percentile(st, 90)),
+            "loadavg_1m": os.getloadavg()[0],
+            "first_token": rs[0]["tokens"][0],
+            "tokens_same_every_run": all(r["tokens"] == rs[0]["tokens"] for r in rs),
+        }
+    return out
+
+
 if __name__ == "__main__":
-    print(json.dumps(main(json.loads(sys.argv[1]))))
+    _args = json.loads(sys.argv[1])
+    print(json.dumps(paired(_args) if _args.get("kind") == "genai-paired" else main(_args)))

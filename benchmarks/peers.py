@@ -1,6 +1,6 @@
 """pit-export side by side with its peers on the SmolLM2-135M configuration (random init, tied), offline.
 
-    .venv/bin/python benchmarks/peers.py [--threads 1,2] [--prompt-lens 64,256] [--gen 64] [--repeats 5]
+    .venv/bin/python benchmarks/peers.py [--threads 1,2] [--prompt-lens 64,256] [--gen 64] [--repeats 5] [--rounds 3]
 
 Peers: optimum-executorch (ExecuTorch .pte, XNNPACK, 8da4w + 8-bit embedding) and the onnxruntime-genai model
 builder (ONNX, int4 MatMulNBits). Each peer gets its own venv under .peers/venvs (they need different transformers),
@@ -12,8 +12,8 @@ fixed pseudo-random prompt ids, greedy with numpy's argmax over the last positio
 medians over --repeats, a fresh process per (threads, prompt length). Ours through `pit-export bench`; the peers
 through benchmarks/peer_runner.py in their own venv, which reuses runtimes/timing.py (the bench's timing loop).
 Ours also goes through peer_runner.py in the peer's venv: same runner, same runtime build. The runner-timed artifacts
-go one configuration at a time across all of them (ours and the peer back to back), so the host's load drifts onto
-both sides of a ratio alike.
+go one configuration at a time across all of them (ours and the peer back to back), --rounds times in turn, each
+configuration's figure the median of its rounds, so the host's drift falls onto both sides of a ratio alike.
 Stages are cached under --work; --only reruns named stages. Writes benchmarks/results/peers.json and prints tables."""
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -254,6 +255,11 @@ PAIRS = [
     ("onnx: both in genai, same runner", "ours onnx-cpu (genai runner)", "onnxruntime-genai"),
     ("onnx: both in genai, native search", "ours onnx-cpu (genai native search)", "onnxruntime-genai (native search)"),
     (
+        "onnx: native search, steps paired in one process",
+        "ours onnx-cpu (paired steps)",
+        "onnxruntime-genai (paired steps)",
+    ),
+    (
         "onnx: native search, both heads pruned",
         "ours onnx-cpu (genai native search)",
         "onnxruntime-genai pruned head (native search)",
@@ -356,18 +362,22 @@ def bench_runners(specs: dict, a) -> dict:
     live = [k for k in specs if "runs" in recs[k]]
     for t in map(int, a.threads.split(",")):
         for n in map(int, a.prompt_lens.split(",")):
+            rounds: dict[str, list] = {key: [] for key in live}
+            for _ in range(a.rounds):  # each round every artifact once: drift of the host falls on all alike
+                for key in live:
+                    r = run_runner(specs[key], SMOLLM2_135M.vocab_size, t, n, a.gen, a.repeats)
+                    print(
+                        f"  {key:38s} threads={t} prompt={n}: "
+                        + (
+                            f"decode {r['decode_tok_s']:.1f} tok/s, prefill {r['prefill_tok_s']:.0f} tok/s"
+                            if "error" not in r
+                            else f"FAILED {r['error'][-1]}"
+                        ),
+                        flush=True,
+                    )
+                    rounds[key].append(r)
             for key in live:
-                r = run_runner(specs[key], SMOLLM2_135M.vocab_size, t, n, a.gen, a.repeats)
-                print(
-                    f"  {key:38s} threads={t} prompt={n}: "
-                    + (
-                        f"decode {r['decode_tok_s']:.1f} tok/s, prefill {r['prefill_tok_s']:.0f} tok/s"
-                        if "error" not in r
-                        else f"FAILED {r['error'][-1]}"
-                    ),
-                    flush=True,
-                )
-                recs[key]["runs"].append(r)
+                recs[key]["runs"].append(merge_rounds(rounds[key]))
     for key in live:
         spec = specs[key]
         if spec["kind"] == "pte":  # where decode time goes: the .pte's ETDump op shares
@@ -375,6 +385,62 @@ def bench_runners(specs: dict, a) -> dict:
             prof = run_runner(spec | {"profile": True}, SMOLLM2_135M.vocab_size, t, n, a.gen, a.repeats)
             recs[key]["decode_profile"] = {"threads": t, "context": n} | prof
     return recs
+
+
+PAIRED = {  # both folders in one genai process, decode steps alternated (peer_runner.paired)
+    "a": ("ours onnx-cpu (paired steps)", "ours-onnx/onnx-cpu", "ours in genai, generate_next_token, steps alternated"),
+    "b": ("onnxruntime-genai (paired steps)", "genai", "the builder's folder in the same process, steps alternated"),
+}
+
+
+def bench_paired(work: Path, a) -> dict:
+    """The PAIRED artifacts: per configuration `rounds` processes, each timing both folders step by step in turn;
+    speed figures only (one process holds both models, so no per-model memory)."""
+    ex = work / "exports"
+    recs = {}
+    for k, (_key, rel, label) in PAIRED.items():
+        recs[k] = {"label": label, "backend": "onnx", "how": "paired", "path": str(ex / rel), "runs": []}
+        recs[k]["deploy_files"] = deployed(ex / rel)
+        recs[k]["deployed_bytes"] = sum(recs[k]["deploy_files"].values())
+    spec = dict(venv="onnxruntime-genai", kind="genai-paired")
+    for t in map(int, a.threads.split(",")):
+        for n in map(int, a.prompt_lens.split(",")):
+            got = {k: [] for k in PAIRED}
+            for _ in range(a.rounds):
+                r = run_paired(spec, str(ex / PAIRED["a"][1]), str(ex / PAIRED["b"][1]), t, n, a)
+                for k in PAIRED:
+                    got[k].append(r.get(k, {"threads": t, "prompt_len": n, "error": r.get("error")}))
+                    print(f"  {PAIRED[k][0]:38s} threads={t} prompt={n}: {got[k][-1].get('decode_tok_s')}", flush=True)
+            for k in PAIRED:
+                recs[k]["runs"].append(merge_rounds(got[k]))
+    return {PAIRED[k][0]: rec for k, rec in recs.items()}
+
+
+def run_paired(spec: dict, path_a: str, path_b: str, threads: int, n: int, a) -> dict:
+    args = dict(kind=spec["kind"], a=path_a, b=path_b, vocab=SMOLLM2_135M.vocab_size, threads=threads, prompt_len=n)
+    args |= dict(gen=a.gen, repeats=a.repeats)
+    env = os.environ | OFFLINE | {"OMP_NUM_THREADS": str(threads)}
+    p = subprocess.run(
+        [str(venv_python(spec["venv"])), str(RUNNER), json.dumps(args)], capture_output=True, text=True, env=env
+    )
+    lines = p.stdout.strip().splitlines()
+    if p.returncode != 0 or not lines:
+        return {"error": (p.stderr.strip().splitlines() or ["no output"])[-5:]}
+    return json.loads(lines[-1])
+
+
+def merge_rounds(rs: list[dict]) -> dict:
+    """One record from a configuration's rounds: the median of each round's figure (its own median over its repeats),
+    the largest peak RSS; a failed round fails the configuration."""
+    bad = [r for r in rs if "error" in r]
+    if bad or len(rs) == 1:
+        return (bad or rs)[0]
+    out = dict(rs[0])
+    for k, v in rs[0].items():
+        if isinstance(v, float):
+            vals = [r[k] for r in rs]
+            out[k] = max(vals) if k == "peak_rss_mb" else statistics.median(vals)
+    return out | {"rounds": len(rs), "loadavg_1m": statistics.median(r.get("loadavg_1m", 0.0) for r in rs)}
 
 
 def ratio(x, y):
@@ -471,7 +537,7 @@ def tables(report: dict):
                 f"{r['prefill_tok_s']:.0f}",
                 f"{r['ttft_ms']:.0f}",
                 f"{r['step_p50_ms']:.1f}",
-                f"{r['peak_rss_mb']:.0f}",
+                f"{r['peak_rss_mb']:.0f}" if "peak_rss_mb" in r else "–",  # paired: one process, two models
                 size if i == 0 else "",
                 *(exs if i == 0 else ("", "")),
                 f"{r['loadavg_1m']:.1f}",
@@ -549,7 +615,13 @@ def main(argv=None):
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--prompt-lens", default="64,256")
     ap.add_argument("--gen", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=5, help="Timed runs per process (their median).")
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="Runner processes per artifact and configuration, interleaved across artifacts.",
+    )
     ap.add_argument(
         "--only",
         default=None,
@@ -599,6 +671,10 @@ def main(argv=None):
         print(f"timing {', '.join(runners)}, interleaved", flush=True)
         state["bench"] |= bench_runners(runners, a)
         save()
+    if wanted("paired steps", "bench"):
+        print("timing ours onnx-cpu and onnxruntime-genai, steps paired in one process", flush=True)
+        state["bench"] |= bench_paired(a.work, a)
+        save()
     from pit_export.bench import machine
 
     for b in state["bench"].values():  # read from the graph each time: cheap, and valid for cached timings too
@@ -611,6 +687,7 @@ def main(argv=None):
         "context": a.context,
         "gen": a.gen,
         "repeats": a.repeats,
+        "rounds": a.rounds,
         "machine": machine(),
         "versions": versions(),
         "exports": state["exports"],

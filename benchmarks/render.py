@@ -463,7 +463,13 @@ def render_peers(name: str, d: dict) -> str:
     lines = banner(name, "pit-export beside its peers")
     lines += [
         f"Model: {d.get('model')}. Context {num(d.get('context'))}, {num(d.get('gen'))} greedy decode steps, medians "
-        f"of {num(d.get('repeats'))} measured runs per configuration. Written by `make peers` (`benchmarks/peers.py`).",
+        f"of {num(d.get('repeats'))} measured runs per process"
+        + (
+            f", median of {d['rounds']} processes per configuration taken in turn across artifacts"
+            if d.get("rounds")
+            else ""
+        )
+        + ". Written by `make peers` (`benchmarks/peers.py`).",
         "",
     ]
     lines += machine_lines(d.get("machine"))

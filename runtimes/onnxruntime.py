@@ -10,12 +10,12 @@ import onnxruntime as ort
 
 from .base import register
 
-KEEP = "logits_to_keep"  # pit_export.export.onnx_fused.KEEP (runtimes do not import the exporter)
+KEEP = "logits_from"  # pit_export.export.onnx_fused.KEEP (runtimes do not import the exporter)
 
 
 def _session(path: Path, threads: int | None, profile_dir: str | None = None) -> ort.InferenceSession:
     so = ort.SessionOptions()
-    # warnings off: a graph with logits_to_keep declares logits [b, 1, V] (what onnxruntime-genai reads as a pruned
+    # warnings off: a graph with logits_from declares logits [b, 1, V] (what onnxruntime-genai reads as a pruned
     # head) and ORT warns on each run that feeds 0 (every row); errors still raise
     so.log_severity_level = 3
     if profile_dir:  # ORT's per-node trace (chrome tracing JSON), read back by op_profile()
@@ -56,7 +56,7 @@ class OrtSession:
         search = json.loads(genai.read_text()).get("search", {}) if genai.is_file() else {}
         self.shared_buffer = bool(search.get("past_present_share_buffer", False))
         self.has_position_ids = "position_ids" in {i.name for i in self.model.get_inputs()}
-        # logits_to_keep (an overridable initializer): the head computes the last row only unless fed 0
+        # logits_from (an overridable initializer): the head computes the last row only unless fed 0
         self.keeps = KEEP in {i.name for i in self.model.get_overridable_initializers()}
         self.reset()
 

@@ -69,7 +69,7 @@ def test_default_graph_is_fused(int4_dir, pit_ckpt):
     gqa = next(n for n in g.node if n.op_type == "GroupQueryAttention")
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in gqa.attribute}
     assert attrs["do_rotary"] == 1 and attrs["rotary_interleaved"] == 0
-    assert {i.name for i in g.input} == {"input_ids", "attention_mask", "logits_to_keep"} | {
+    assert {i.name for i in g.input} == {"input_ids", "attention_mask", "logits_from"} | {
         f"past_key_values.{i}.{kv}" for i in range(L) for kv in ("key", "value")
     }
     genai = json.loads((int4_dir / "genai_config.json").read_text())
@@ -140,7 +140,7 @@ def test_shared_buffer_grows_and_rewinds(int4_dir, heldout):
 
 
 def test_head_computes_the_rows_asked_for(int4_dir, heldout):
-    """logits_to_keep: unfed (onnxruntime-genai's case) the head runs on the last position only and the graph says so
+    """logits_from: unfed (onnxruntime-genai's case) the head runs on the last position only and the graph says so
     (logits [b, 1, V]: genai's pruned-head models); 0 gives every position, k the last k, with the same values."""
     import onnxruntime as ort
 
@@ -149,7 +149,7 @@ def test_head_computes_the_rows_asked_for(int4_dir, heldout):
     so = ort.SessionOptions()
     so.log_severity_level = 3
     sess = ort.InferenceSession(str(int4_dir / "model.onnx"), so, providers=["CPUExecutionProvider"])
-    assert [i.name for i in sess.get_overridable_initializers()] == ["logits_to_keep"]
+    assert [i.name for i in sess.get_overridable_initializers()] == ["logits_from"]
     w = np.asarray(heldout[0, :40], dtype=np.int64)[None]
     cfg = json.loads((int4_dir / "config.json").read_text())
     kv = np.zeros((1, cfg["n_kv_heads"], 64, cfg["dim"] // cfg["n_heads"]), np.float32)
@@ -159,7 +159,7 @@ def test_head_computes_the_rows_asked_for(int4_dir, heldout):
     def run(**keep):
         return sess.run(["logits"], feeds | {k: np.array([v], np.int64) for k, v in keep.items()})[0][0]
 
-    full, last, three = run(logits_to_keep=0), run(), run(logits_to_keep=3)
+    full, last, three = run(logits_from=0), run(), run(logits_from=-3)
     assert full.shape[0] == 40 and last.shape[0] == 1 and three.shape[0] == 3
     # the same rows through the same kernels; MatMulNBits' int8 activation blocks are per row, so M does not enter
     tol = 1e-5 * np.abs(full).max()

@@ -9,8 +9,8 @@ says which KV interface it has (past_present_share_buffer). What follows describ
 
 Files written:
     model.onnx, model.onnx.data   the decoder: input_ids, attention_mask, position_ids, past_key_values.{i}.key/value
-                                  [, logits_to_keep] -> logits, present.{i}.key/value (present = concat(past, new);
-                                  past may be empty); logits of the last position unless logits_to_keep says more
+                                  [, logits_from] -> logits, present.{i}.key/value (present = concat(past, new);
+                                  past may be empty); logits of the last position unless logits_from says more
                                   (onnx_fused.keep_rows: 0 = every position)
     embed.onnx, unembed.onnx      round-trip probes cut out of model.onnx; their weights point into model.onnx.data,
                                   so they read exactly the deployed (quantized) bytes and add no size
@@ -189,7 +189,7 @@ def canonicalize(model: onnx.ModelProto, layout: str, base_dir: Path) -> None:
     if layout != "untied":
         h = _producer(g, h).input[0]
     _rename(g, h, HEAD_IN)
-    # the head reads the last logits_to_keep rows of the final norm's output (onnx_fused.keep_rows)
+    # the head reads the rows from logits_from on of the final norm's output (onnx_fused.keep_rows)
     norm = _producer(g, HEAD_IN)
     norm.output[list(norm.output).index(HEAD_IN)] = onnx_fused.ROWS
     consts, nodes = onnx_fused.keep_rows(onnx_fused.ROWS, HEAD_IN)
@@ -409,7 +409,7 @@ def to_ort_format(src: Path, dst: Path) -> None:
 
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    so.log_severity_level = 3  # not the note that logits_to_keep, an overridable input, is not a constant
+    so.log_severity_level = 3  # not the note that logits_from, an overridable input, is not a constant
     so.optimized_model_filepath = str(dst)
     so.add_session_config_entry("session.save_model_format", "ORT")
     so.add_session_config_entry("session.disable_prepacking", "1")  # packed weights are not saved: a copy for nothing

@@ -24,7 +24,7 @@ graph) and is written to the data file at once, so no fp32 copy of the model is 
 onnx.quantize's graph, initializer for initializer (tests/test_onnx_fused.py checks it).
 
 Inputs: input_ids [b, s], attention_mask [b, total] (int64), past_key_values.{i}.key/value [b, H_kv, max, hd],
-optionally logits_to_keep [1] (default 1: the head computes the last position's logits only; 0: every position);
+optionally logits_from [1] (default -1: the head computes the last position's logits only; 0: every position);
 outputs: logits [b, 1, V] (by default), present.{i}.key/value (the same buffers when bound in place, as
 onnxruntime-genai does with past_present_share_buffer). GroupQueryAttention reads the positions from the mask:
 seqlens_k = sum(mask) - 1, total_sequence_length = mask.shape[1]; new tokens sit at total - s .. total - 1.
@@ -69,7 +69,7 @@ IMPLEMENTED = {
     "rope_scaling",  # in the cos/sin tables (rope_tables)
     "attn_scale",  # GroupQueryAttention's scale
 }
-KEEP = "logits_to_keep"  # an overridable input: how many last positions get logits (keep_rows)
+KEEP = "logits_from"  # an overridable input: the first position that gets logits, Python-style (keep_rows)
 ROWS = "final_hidden_rows"  # the final norm's output for every position, before keep_rows
 INLINE_BELOW = 1024  # bytes: smaller tensors stay in the proto (onnx.py's save_external rule)
 CHUNK = 4096  # output columns (or table rows) quantized or written at a time: bounds the transient copies
@@ -356,22 +356,18 @@ def _build(g: _Graph, fw: FoldedWeights, names: dict[str, str]) -> onnx.ModelPro
 
 
 def keep_rows(src: str, out: str) -> tuple[dict[str, np.ndarray], list[onnx.NodeProto]]:
-    """out = src[:, -logits_to_keep:] (Slice on axis 1): the rows the head computes logits for. logits_to_keep is an
-    initializer listed among the graph inputs, so a caller may feed it: by default 1, the last position only, as
+    """out = src[:, logits_from:] (one Slice on axis 1): the rows the head computes logits for. logits_from is an
+    initializer listed among the graph inputs, so a caller may feed it: by default -1, the last position only, as
     onnxruntime-genai's pruned-head models (its builder's prune_lm_head; genai reads logits dim 1 == 1 and takes them
-    as the last token's); 0 keeps every row (transformers' logits_to_keep), which validation feeds. Returns the
-    constants (name -> value) and the nodes."""
+    as the last token's); 0 keeps every row, which validation feeds; -k the last k. Returns the constants (name ->
+    value) and the node."""
     consts = {
-        KEEP: np.array([1], np.int64),
+        KEEP: np.array([-1], np.int64),
         "keep_rows_end": np.array([np.iinfo(np.int64).max], np.int64),
         "keep_rows_axis": np.array([1], np.int64),
     }
-    return consts, [
-        helper.make_node("Neg", [KEEP], ["keep_rows_start"], "head/keep_rows/Neg"),
-        helper.make_node(
-            "Slice", [src, "keep_rows_start", "keep_rows_end", "keep_rows_axis"], [out], "head/keep_rows/Slice"
-        ),
-    ]
+    node = helper.make_node("Slice", [src, KEEP, "keep_rows_end", "keep_rows_axis"], [out], "head/keep_rows/Slice")
+    return consts, [node]
 
 
 def table_gather(weight: list[str], V: int, d: int, bits: int, block: int, out: str):

@@ -157,24 +157,31 @@ def main(args: dict) -> dict:
     prompt = prompt_tokens(n, args["vocab"])
     run(sess, prompt, min(gen, 4))  # warm-up
     runs = [run(sess, prompt, gen) for _ in range(repeats)]
-    steps = [s for r in runs for s in r["steps"]]
     peak = rss_kb("VmHWM")
+    return speed(runs, args) | {
+        "load_s": load_s,
+        "peak_rss_mb": peak / 1024,
+        "base_rss_mb": base / 1024,
+        "session_rss_mb": (peak - base) / 1024,
+        "loadavg_1m": load_avg,
+    }
+
+
+def speed(runs: list[dict], args: dict) -> dict:
+    """The timing fields of a record from runs ({ttft, steps, tokens} each): medians over the runs, step
+    percentiles over all their steps, and whether every run chose the same tokens."""
+    n, steps = args["prompt_len"], [s for r in runs for s in r["steps"]]
     return {
         "threads": args["threads"],
         "prompt_len": n,
-        "gen": gen,
-        "repeats": repeats,
-        "load_s": load_s,
+        "gen": args["gen"],
+        "repeats": args["repeats"],
         "prefill_tok_s": statistics.median(n / r["ttft"] for r in runs),
         "decode_tok_s": statistics.median(len(r["steps"]) / sum(r["steps"]) for r in runs),
         "decode_tok_s_p50": 1 / float(np.percentile(steps, 50)),
         "ttft_ms": 1e3 * statistics.median(r["ttft"] for r in runs),
         "step_p50_ms": 1e3 * float(np.percentile(steps, 50)),
         "step_p90_ms": 1e3 * float(np.percentile(steps, 90)),
-        "peak_rss_mb": peak / 1024,
-        "base_rss_mb": base / 1024,
-        "session_rss_mb": (peak - base) / 1024,
-        "loadavg_1m": load_avg,
         "first_token": runs[0]["tokens"][0],
         "tokens_same_every_run": all(r["tokens"] == runs[0]["tokens"] for r in runs),
     }
@@ -209,25 +216,7 @@ def paired(args: dict) -> dict:
         if r:
             for k in sess:
                 runs[k].append({"ttft": ttft[k], "steps": steps[k], "tokens": tokens[k]})
-    out = {}
-    for k, rs in runs.items():
-        st = [s for r in rs for s in r["steps"]]
-        out[k] = {
-            "threads": threads,
-            "prompt_len": n,
-            "gen": gen,
-            "repeats": repeats,
-            "prefill_tok_s": statistics.median(n / r["ttft"] for r in rs),
-            "decode_tok_s": statistics.median(len(r["steps"]) / sum(r["steps"]) for r in rs),
-            "decode_tok_s_p50": 1 / float(np.percentile(st, 50)),
-            "ttft_ms": 1e3 * statistics.median(r["ttft"] for r in rs),
-            "step_p50_ms": 1e3 * float(np.percentile(st, 50)),
-            "step_p90_ms": 1e3 * float(np.percentile(st, 90)),
-            "loadavg_1m": os.getloadavg()[0],
-            "first_token": rs[0]["tokens"][0],
-            "tokens_same_every_run": all(r["tokens"] == rs[0]["tokens"] for r in rs),
-        }
-    return out
+    return {k: speed(rs, args) | {"loadavg_1m": os.getloadavg()[0]} for k, rs in runs.items()}
 
 
 if __name__ == "__main__":

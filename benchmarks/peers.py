@@ -306,13 +306,17 @@ def run_runner(spec: dict, vocab: int, threads: int, n: int, gen: int, repeats: 
         native=spec.get("native", False),
         profile=spec.get("profile", False),
     )
-    env = os.environ | OFFLINE | {"OMP_NUM_THREADS": str(threads)}
-    p = subprocess.run(
-        [str(venv_python(spec["venv"])), str(RUNNER), json.dumps(args)], capture_output=True, text=True, env=env
-    )
+    r = call_runner(spec["venv"], args)
+    return {"threads": threads, "prompt_len": n} | r if "error" in r else r
+
+
+def call_runner(venv: str, args: dict) -> dict:
+    """peer_runner.py in the named venv with `args`: its JSON result, or {"error": the last lines of stderr}."""
+    env = os.environ | OFFLINE | {"OMP_NUM_THREADS": str(args["threads"])}
+    p = subprocess.run([str(venv_python(venv)), str(RUNNER), json.dumps(args)], capture_output=True, text=True, env=env)
     lines = p.stdout.strip().splitlines()
     if p.returncode != 0 or not lines:
-        return {"threads": threads, "prompt_len": n, "error": (p.stderr.strip().splitlines() or ["no output"])[-5:]}
+        return {"error": (p.stderr.strip().splitlines() or ["no output"])[-5:]}
     return json.loads(lines[-1])
 
 
@@ -418,15 +422,7 @@ def bench_paired(work: Path, a) -> dict:
 
 def run_paired(spec: dict, path_a: str, path_b: str, threads: int, n: int, a) -> dict:
     args = dict(kind=spec["kind"], a=path_a, b=path_b, vocab=SMOLLM2_135M.vocab_size, threads=threads, prompt_len=n)
-    args |= dict(gen=a.gen, repeats=a.repeats)
-    env = os.environ | OFFLINE | {"OMP_NUM_THREADS": str(threads)}
-    p = subprocess.run(
-        [str(venv_python(spec["venv"])), str(RUNNER), json.dumps(args)], capture_output=True, text=True, env=env
-    )
-    lines = p.stdout.strip().splitlines()
-    if p.returncode != 0 or not lines:
-        return {"error": (p.stderr.strip().splitlines() or ["no output"])[-5:]}
-    return json.loads(lines[-1])
+    return call_runner(spec["venv"], args | dict(gen=a.gen, repeats=a.repeats))
 
 
 def merge_rounds(rs: list[dict]) -> dict:

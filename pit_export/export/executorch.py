@@ -91,8 +91,8 @@ class CustomOpAttention(CachedAttention):
         p in slot p mod ring (llama::update_cache_with_indices), the mask read from the positions the slots hold.
         Slots holding positions >= start are emptied first, so a prefill may rewind within what the ring holds, and a
         sequence's first call (start 0) empties every slot: ExecuTorch serializes no initial value for a mutated
-        buffer, and none is needed. A
-        call of s <= window + 1 tokens keeps every key its queries need (metadata: get_max_seq_len = window)."""
+        buffer, and none is needed. A call of s <= window + 1 tokens keeps every key its queries need (metadata:
+        get_max_seq_len = window)."""
         idx = input_pos % self.ring
         self.slot_pos.copy_(torch.where(self.slot_pos >= start, -1, self.slot_pos))
         self.slot_pos.index_copy_(0, idx, input_pos)

@@ -26,6 +26,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks.scale import SMOLLM2_135M, build_tokenizer, run_stage  # noqa: E402
@@ -409,14 +411,17 @@ def bench_paired(work: Path, a) -> dict:
     spec = dict(venv="onnxruntime-genai", kind="genai-paired")
     for t in map(int, a.threads.split(",")):
         for n in map(int, a.prompt_lens.split(",")):
-            got = {k: [] for k in PAIRED}
+            got, step_ratios = {k: [] for k in PAIRED}, []
             for _ in range(a.rounds):
                 r = run_paired(spec, str(ex / PAIRED["a"][1]), str(ex / PAIRED["b"][1]), t, n, a)
+                step_ratios += r.get("step_ratios", [])
                 for k in PAIRED:
                     got[k].append(r.get(k, {"threads": t, "prompt_len": n, "error": r.get("error")}))
                     print(f"  {PAIRED[k][0]:38s} threads={t} prompt={n}: {got[k][-1].get('decode_tok_s')}", flush=True)
             for k in PAIRED:
                 recs[k]["runs"].append(merge_rounds(got[k]))
+            if step_ratios and "error" not in recs["a"]["runs"][-1]:
+                recs["a"]["runs"][-1]["step_ratio"] = median_ci(step_ratios)
     return {PAIRED[k][0]: rec for k, rec in recs.items()}
 
 
@@ -437,6 +442,16 @@ def merge_rounds(rs: list[dict]) -> dict:
             vals = [r[k] for r in rs]
             out[k] = max(vals) if k == "peak_rss_mb" else statistics.median(vals)
     return out | {"rounds": len(rs), "loadavg_1m": statistics.median(r.get("loadavg_1m", 0.0) for r in rs)}
+
+
+def median_ci(xs: list[float], resamples: int = 2000, seed: int = 0) -> dict:
+    """The median of xs and its 95 % percentile-bootstrap interval (fixed seed: the same samples give the same
+    interval)."""
+    x = np.asarray(xs, dtype=float)
+    rng = np.random.default_rng(seed)
+    meds = np.median(x[rng.integers(0, len(x), (resamples, len(x)))], axis=1)
+    lo, hi = np.percentile(meds, [2.5, 97.5])
+    return {"median": round(float(np.median(x)), 4), "ci95": [round(float(lo), 4), round(float(hi), 4)], "n": len(x)}
 
 
 def ratio(x, y):
@@ -472,6 +487,7 @@ def ratios(state: dict) -> list[dict]:
                     k: ratio(r.get(k), pr[(r["threads"], r["prompt_len"])].get(k))
                     for k in ("decode_tok_s", "decode_tok_s_p50", "prefill_tok_s", "ttft_ms", "peak_rss_mb")
                 },
+                **({"decode_step_ratio": r["step_ratio"]} if "step_ratio" in r else {}),
             }
             for r in o["runs"]
             if "error" not in r and (r["threads"], r["prompt_len"]) in pr

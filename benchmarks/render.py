@@ -584,6 +584,30 @@ def render_peers(name: str, d: dict) -> str:
         ),
         "",
     ]
+    steps = [
+        [
+            r.get("pair"),
+            c["threads"],
+            c["prompt_len"],
+            num(q["median"], ".3f"),
+            "–".join(f"{v:.3f}" for v in q["ci95"]),
+            q["n"],
+        ]
+        for r in d.get("ratios", [])
+        for c in r.get("per_config") or []
+        if (q := c.get("decode_step_ratio"))
+    ]
+    if steps:
+        lines += [
+            "### Decode, step by step",
+            "",
+            "Both folders in one process, decode step i of one next to step i of the other: each pair of neighbouring "
+            "steps gives one ratio (the peer's step time ÷ ours: above 1, ours is faster). Median over every step of "
+            "every round, with its 95 % bootstrap interval (`per_config[].decode_step_ratio`).",
+            "",
+            *table(["pair", "threads", "prompt", "median step ratio", "95 % interval", "steps"], steps),
+            "",
+        ]
 
     graphs = [
         [

@@ -64,6 +64,7 @@ class OrtSession:
         self.past = [np.zeros(self.kv_shape, np.float32) for _ in self.past_names]
         self.filled = 0  # positions held in the shared buffers
         self.buffers: list[ort.OrtValue] = []  # shared-buffer mode: [1, H_kv, capacity, hd] per past/present pair
+        self._io: ort.IOBinding | None = None  # bound to self.model and self.buffers: dropped when either changes
 
     def prefill(self, tokens, start_pos, last_only=False):
         tokens = np.asarray(tokens, dtype=np.int64)
@@ -99,24 +100,33 @@ class OrtSession:
             ins |= dict(zip(self.past_names, self.buffers, strict=True))
             presents = [name.replace("past_key_values", "present") for name in self.past_names]
             logits, *self.buffers = sess.run_with_ort_values([self.out_names[0], *presents], ins)
+            self._io = None
             self.filled = total
             return logits.numpy()[0]
-        io = sess.io_binding()
-        for k, v in feeds.items():
+        io = self._binding(sess)
+        for k, v in feeds.items():  # a name bound again replaces its earlier binding
             io.bind_cpu_input(k, v)
-        io.bind_output(self.out_names[0])  # logits, allocated by ORT; bound first, so get_outputs()[0]
-        for name, buf in zip(self.past_names, self.buffers, strict=True):
-            io.bind_ortvalue_input(name, buf)
-            io.bind_ortvalue_output(name.replace("past_key_values", "present"), buf)
         sess.run_with_iobinding(io)
         self.filled = total
         return io.get_outputs()[0].numpy()[0]
+
+    def _binding(self, sess: ort.InferenceSession) -> ort.IOBinding:
+        """The IOBinding with every KV buffer bound as both past and present, made once per session and set of
+        buffers (as onnxruntime-genai binds them once), so a decode step binds only its own inputs."""
+        if self._io is None:
+            io = sess.io_binding()
+            io.bind_output(self.out_names[0])  # logits, allocated by ORT on each run; bound first: get_outputs()[0]
+            for name, buf in zip(self.past_names, self.buffers, strict=True):
+                io.bind_ortvalue_input(name, buf)
+                io.bind_ortvalue_output(name.replace("past_key_values", "present"), buf)
+            self._io = io
+        return self._io
 
     def _grow(self, capacity: int) -> None:
         kv, hd = self.kv_shape[1], self.kv_shape[3]
         old = self.buffers
         new = np.zeros((1, kv, capacity, hd), np.float32)
-        self.buffers = []
+        self.buffers, self._io = [], None
         for i in range(len(self.past_names)):
             if old:
                 new[:, :, : self.filled] = old[i].numpy()[:, :, : self.filled]
@@ -127,13 +137,13 @@ class OrtSession:
 
     def _open_model(self) -> ort.InferenceSession:
         if self.model is None:
-            self._probes = {}
+            self._probes, self._io = {}, None
             self.model = _session(self.path / self.model_file, self.threads, self.profile_dir)
         return self.model
 
     def _probe(self, name: str) -> ort.InferenceSession:
         if name not in self._probes:
-            self.model = None
+            self.model, self._io = None, None
             try:
                 self._probes[name] = _session(self.path / f"{name}.onnx", self.threads)
             except ort.capi.onnxruntime_pybind11_state.Fail as e:
@@ -162,7 +172,7 @@ class OrtSession:
         return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
     def close(self):
-        self.model, self._probes = None, {}
+        self.model, self._probes, self._io = None, {}, None
 
 
 @register("onnx")

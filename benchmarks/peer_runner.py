@@ -191,7 +191,7 @@ def paired(args: dict) -> dict:
     """Two genai folders in one process, genai's own loop, their work interleaved: per repeat both prefill (in turn),
     then decode step i of one and step i of the other back to back, so a change in the host's speed falls on both
     within milliseconds. Returns {"a": record, "b": record} with main()'s timing fields (no memory fields: one
-    process holds both) and "step_ratios": a's speed over b's for each pair of neighbouring steps."""
+    process holds both) and "step_ratios": per timed run, a's speed over b's for each pair of neighbouring steps."""
     n, gen, repeats, threads = args["prompt_len"], args["gen"], args["repeats"], args["threads"]
     sess = {k: GenaiSession(args[k], threads, n + gen + 1) for k in ("a", "b")}
     prompt = prompt_tokens(n, args["vocab"])
@@ -206,8 +206,8 @@ def paired(args: dict) -> dict:
             g.append_tokens(prompt.astype(np.int32)[None])
             g.generate_next_token()
             ttft[k], tokens[k] = time.perf_counter() - t0, [int(g.get_next_tokens()[0])]
-        for _ in range(gen):
-            for k in order:
+        for i in range(gen):
+            for k in order if i % 2 == 0 else order[::-1]:  # which one steps first alternates step by step
                 g = sess[k].gen
                 t = time.perf_counter()
                 g.generate_next_token()
@@ -219,7 +219,7 @@ def paired(args: dict) -> dict:
     out = {k: speed(rs, args) | {"loadavg_1m": os.getloadavg()[0]} for k, rs in runs.items()}
     # a's speed over b's, step by step: each b step over the a step taken next to it (decode step i of both)
     pairs = zip(runs["a"], runs["b"], strict=True)
-    out["step_ratios"] = [tb / ta for ra, rb in pairs for ta, tb in zip(ra["steps"], rb["steps"], strict=True)]
+    out["step_ratios"] = [[tb / ta for ta, tb in zip(ra["steps"], rb["steps"], strict=True)] for ra, rb in pairs]
     return out
 
 

@@ -400,34 +400,46 @@ PAIRED = {  # both folders in one genai process, decode steps alternated (peer_r
 
 
 def bench_paired(work: Path, a) -> dict:
-    """The PAIRED artifacts: per configuration `rounds` processes, each timing both folders step by step in turn;
-    speed figures only (one process holds both models, so no per-model memory)."""
+    """The PAIRED artifacts: per configuration `rounds` pairs of processes, each timing both folders step by step in
+    turn, ours loaded first in one process of the pair and second in the other (the session loaded second tends to
+    step faster: the order's bias cancels); speed figures only (one process holds both models, so no per-model
+    memory). The same procedure with ours on both sides is the A/A control."""
     ex = work / "exports"
     recs = {}
     for k, (_key, rel, label) in PAIRED.items():
         recs[k] = {"label": label, "backend": "onnx", "how": "paired", "path": str(ex / rel), "runs": []}
         recs[k]["deploy_files"] = deployed(ex / rel)
         recs[k]["deployed_bytes"] = sum(recs[k]["deploy_files"].values())
-    spec = dict(venv="onnxruntime-genai", kind="genai-paired")
+    ours, peer = str(ex / PAIRED["a"][1]), str(ex / PAIRED["b"][1])
     for t in map(int, a.threads.split(",")):
         for n in map(int, a.prompt_lens.split(",")):
-            got, step_ratios = {k: [] for k in PAIRED}, []
+            got, step_ratios, control = {k: [] for k in PAIRED}, [], []
             for _ in range(a.rounds):
-                r = run_paired(spec, str(ex / PAIRED["a"][1]), str(ex / PAIRED["b"][1]), t, n, a)
-                step_ratios += r.get("step_ratios", [])
-                for k in PAIRED:
-                    got[k].append(r.get(k, {"threads": t, "prompt_len": n, "error": r.get("error")}))
-                    print(f"  {PAIRED[k][0]:38s} threads={t} prompt={n}: {got[k][-1].get('decode_tok_s')}", flush=True)
+                for first in (True, False):
+                    r, ratios_ = run_paired(ours, peer, first, t, n, a)
+                    step_ratios += ratios_
+                    for k in PAIRED:
+                        got[k].append(r.get(k, {"threads": t, "prompt_len": n, "error": r.get("error")}))
+                        rate = got[k][-1].get("decode_tok_s")
+                        print(f"  {PAIRED[k][0]:38s} threads={t} prompt={n}: {rate}", flush=True)
+                    control += run_paired(ours, ours, first, t, n, a)[1]
             for k in PAIRED:
                 recs[k]["runs"].append(merge_rounds(got[k]))
             if step_ratios and "error" not in recs["a"]["runs"][-1]:
                 recs["a"]["runs"][-1]["step_ratio"] = median_ci(step_ratios)
+                if control:
+                    recs["a"]["runs"][-1]["step_ratio_control"] = median_ci(control)
     return {PAIRED[k][0]: rec for k, rec in recs.items()}
 
 
-def run_paired(spec: dict, path_a: str, path_b: str, threads: int, n: int, a) -> dict:
-    args = dict(kind=spec["kind"], a=path_a, b=path_b, vocab=SMOLLM2_135M.vocab_size, threads=threads, prompt_len=n)
-    return call_runner(spec["venv"], args | dict(gen=a.gen, repeats=a.repeats))
+def run_paired(ours: str, peer: str, ours_first: bool, threads: int, n: int, a) -> tuple[dict, list]:
+    """One paired process: ({"a": ours' record, "b": the peer's}, per run ours' speed over the peer's per step)."""
+    args = dict(kind="genai-paired", vocab=SMOLLM2_135M.vocab_size, threads=threads, prompt_len=n)
+    args |= dict(a=ours, b=peer) if ours_first else dict(a=peer, b=ours)
+    r = call_runner("onnxruntime-genai", args | dict(gen=a.gen, repeats=a.repeats))
+    if "error" in r or ours_first:
+        return r, r.get("step_ratios", [])
+    return {"a": r["b"], "b": r["a"]}, [[1 / x for x in run] for run in r["step_ratios"]]
 
 
 def merge_rounds(rs: list[dict]) -> dict:
@@ -444,14 +456,24 @@ def merge_rounds(rs: list[dict]) -> dict:
     return out | {"rounds": len(rs), "loadavg_1m": statistics.median(r.get("loadavg_1m", 0.0) for r in rs)}
 
 
-def median_ci(xs: list[float], resamples: int = 2000, seed: int = 0) -> dict:
-    """The median of xs and its 95 % percentile-bootstrap interval (fixed seed: the same samples give the same
-    interval)."""
-    x = np.asarray(xs, dtype=float)
+def median_ci(runs: list[list[float]], resamples: int = 2000, seed: int = 0) -> dict:
+    """The median of every run's values pooled, and its 95 % interval from a bootstrap over whole runs (a run's steps
+    share its moment on the host, so runs, not steps, are the independent draws); fixed seed: the same samples give
+    the same interval."""
     rng = np.random.default_rng(seed)
-    meds = np.median(x[rng.integers(0, len(x), (resamples, len(x)))], axis=1)
+    arrays = [np.asarray(r, dtype=float) for r in runs]
+    meds = [
+        np.median(np.concatenate([arrays[i] for i in rng.integers(0, len(arrays), len(arrays))]))
+        for _ in range(resamples)
+    ]
     lo, hi = np.percentile(meds, [2.5, 97.5])
-    return {"median": round(float(np.median(x)), 4), "ci95": [round(float(lo), 4), round(float(hi), 4)], "n": len(x)}
+    med = float(np.median(np.concatenate(arrays)))
+    return {
+        "median": round(med, 4),
+        "ci95": [round(float(lo), 4), round(float(hi), 4)],
+        "runs": len(runs),
+        "steps": sum(map(len, arrays)),
+    }
 
 
 def ratio(x, y):
@@ -488,6 +510,7 @@ def ratios(state: dict) -> list[dict]:
                     for k in ("decode_tok_s", "decode_tok_s_p50", "prefill_tok_s", "ttft_ms", "peak_rss_mb")
                 },
                 **({"decode_step_ratio": r["step_ratio"]} if "step_ratio" in r else {}),
+                **({"decode_step_ratio_control": r["step_ratio_control"]} if "step_ratio_control" in r else {}),
             }
             for r in o["runs"]
             if "error" not in r and (r["threads"], r["prompt_len"]) in pr

@@ -584,18 +584,23 @@ def render_peers(name: str, d: dict) -> str:
         ),
         "",
     ]
+
+    def interval(q):
+        return "–".join(f"{v:.3f}" for v in q["ci95"])
+
     steps = [
         [
             r.get("pair"),
             c["threads"],
             c["prompt_len"],
             num(q["median"], ".3f"),
-            "–".join(f"{v:.3f}" for v in q["ci95"]),
-            q["n"],
+            interval(q),
+            f"{q['runs']} × {q['steps'] // q['runs']}",
+            *((num(aa["median"], ".3f"), interval(aa)) if (aa := c.get("decode_step_ratio_control")) else (DASH, DASH)),
         ]
         for r in d.get("ratios", [])
         for c in r.get("per_config") or []
-        if (q := c.get("decode_step_ratio"))
+        if (q := c.get("decode_step_ratio")) and "runs" in q
     ]
     if steps:
         lines += [
@@ -603,9 +608,23 @@ def render_peers(name: str, d: dict) -> str:
             "",
             "Both folders in one process, decode step i of one next to step i of the other: each pair of neighbouring "
             "steps gives one ratio (the peer's step time ÷ ours: above 1, ours is faster). Median over every step of "
-            "every round, with its 95 % bootstrap interval (`per_config[].decode_step_ratio`).",
+            "every run, with its 95 % interval from a bootstrap over whole runs (`per_config[].decode_step_ratio`). "
+            "The A/A control times ours beside a second session of ours the same way "
+            "(`decode_step_ratio_control`): how far from 1 the method reads when nothing differs.",
             "",
-            *table(["pair", "threads", "prompt", "median step ratio", "95 % interval", "steps"], steps),
+            *table(
+                [
+                    "pair",
+                    "threads",
+                    "prompt",
+                    "median step ratio",
+                    "95 % interval",
+                    "runs × steps",
+                    "A/A control",
+                    "A/A interval",
+                ],
+                steps,
+            ),
             "",
         ]
 

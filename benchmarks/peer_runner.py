@@ -57,7 +57,7 @@ class PteSession:
         return logits[-1:] if last_only else logits
 
     def decode(self, token, pos):
-        return self.prefill(np.array([token]), pos)[0]
+        return self.prefill(np.array([token]), pos, last_only=True)[0]
 
 
 class GenaiSession:

@@ -46,7 +46,7 @@ class _PackageSession:
         return logits[-1:] if last_only else logits
 
     def decode(self, token, pos):
-        return self.prefill(np.array([token]), pos)[0]
+        return self.prefill(np.array([token]), pos, last_only=True)[0]
 
     def _rows(self, fn: str, key: str, x: np.ndarray, out: str) -> np.ndarray:
         # the probes take 1..V rows per call (the exported flexible range): chunk larger requests

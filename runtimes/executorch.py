@@ -97,7 +97,7 @@ class ExecuTorchSession:
         return outs[-1][-1:] if last_only else np.concatenate(outs)
 
     def decode(self, token, pos):
-        return self.prefill(np.array([token]), pos)[0]
+        return self.prefill(np.array([token]), pos, last_only=True)[0]
 
     def _rows(self, method: str, x: torch.Tensor) -> np.ndarray:
         # the methods take 1..max_rows rows per call (export bounds): chunk larger requests

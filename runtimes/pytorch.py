@@ -33,7 +33,7 @@ class ReferenceSession:
         return logits[-1:].numpy() if last_only else logits.numpy()
 
     def decode(self, token, pos):
-        return self.prefill(np.array([token]), pos)[0]
+        return self.prefill(np.array([token]), pos, last_only=True)[0]
 
     @torch.no_grad()
     def embed(self, tokens):
@@ -123,7 +123,7 @@ class FoldedSession:
         return logits[-1:].numpy() if last_only else logits.numpy()
 
     def decode(self, token, pos):
-        return self.prefill(np.array([token]), pos)[0]
+        return self.prefill(np.array([token]), pos, last_only=True)[0]
 
     @torch.no_grad()
     def embed(self, tokens):

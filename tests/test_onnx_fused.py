@@ -139,6 +139,21 @@ def test_shared_buffer_grows_and_rewinds(int4_dir, heldout):
     np.testing.assert_allclose(s.prefill(w[150:], 150), full[150:], atol=1e-3 * np.abs(full).max())
 
 
+def test_decode_writes_the_kv_in_place(int4_dir, heldout):
+    """A decode step (and a last-position prefill) runs through the one IOBinding: the KV buffers it wrote are the
+    ones it read, as in onnxruntime-genai. Only an all-rows prefill (logits_from fed 0, which IOBinding cannot bind)
+    returns new buffers: were decode to take that path, every step would copy the whole cache."""
+    s = open_session(int4_dir)
+    w = np.asarray(heldout[0, :40], dtype=np.int64)
+    s.prefill(w[:30], 0, last_only=True)
+    held = list(s.inner.buffers)
+    s.decode(int(w[30]), 30)
+    s.prefill(w[31:33], 31, last_only=True)
+    assert all(a is b for a, b in zip(held, s.inner.buffers, strict=True))
+    s.prefill(w[33:35], 33)  # every row: logits_from fed
+    assert not any(a is b for a, b in zip(held, s.inner.buffers, strict=True))
+
+
 def test_head_computes_the_rows_asked_for(int4_dir, heldout):
     """logits_from: unfed (onnxruntime-genai's case) the head runs on the last position only and the graph says so
     (logits [b, 1, V]: genai's pruned-head models); 0 gives every position, k the last k, with the same values."""

@@ -198,8 +198,10 @@ def export_stages(work: Path, ctx: int) -> dict:
 
 
 def timed_artifacts(work: Path) -> dict:
-    """What is timed. how "bench": `pit-export bench`; how "runner": peer_runner.py in the named venv. Ours also goes
-    through the peer's runner and runtime build (same code path as the peer: the cleanest comparison)."""
+    """What is timed. how "bench": `pit-export bench`; how "runner": peer_runner.py in the named venv (kind "worker":
+    `pit-export bench`'s per-configuration worker in ours), timed configuration by configuration in turn with the
+    others. Ours also goes through the peer's runner and runtime build (same code path as the peer: the cleanest
+    comparison)."""
     ex = work / "exports"
     ours_a, ours_o = ex / "ours-android" / "android", ex / "ours-onnx" / "onnx-cpu"
     et, og = "optimum-executorch", "onnxruntime-genai"
@@ -235,6 +237,13 @@ def timed_artifacts(work: Path) -> dict:
             "pit-export onnx-cpu preset: 8da4w (int4 MatMulNBits, int8 compute), shared-z, fused graph "
             "(GroupQueryAttention, SkipSimplifiedLayerNormalization; ONNX Runtime session, KV bound in place)",
         ),
+        "ours onnx-cpu (session, in turn)": dict(
+            backend="onnx",
+            how="runner",
+            kind="worker",
+            path=ours_o,
+            label="ours onnx-cpu through our ORT session (`pit-export bench`'s worker), timed in turn with the runners",
+        ),
         og: genai(ex / "genai", "onnxruntime-genai 0.18.0 builder: int4 MatMulNBits, GroupQueryAttention"),
         "ours onnx-cpu (genai runner)": genai(ours_o, "ours onnx-cpu loaded by onnxruntime-genai, peer_runner.py"),
         f"{og} (native search)": genai(ex / "genai", "genai's generate_next_token (argmax in C++)", native=True),
@@ -254,6 +263,7 @@ PAIRS = [
     ("executorch: both 4-bit embedding (group 32)", "ours android", "optimum-executorch emb4"),
     ("executorch: same runner", "ours android (peer runner)", "optimum-executorch"),
     ("onnx: presets (our ORT session vs genai)", "ours onnx-cpu", "onnxruntime-genai"),
+    ("onnx: our ORT session vs genai, in turn", "ours onnx-cpu (session, in turn)", "onnxruntime-genai"),
     ("onnx: both in genai, same runner", "ours onnx-cpu (genai runner)", "onnxruntime-genai"),
     ("onnx: both in genai, native search", "ours onnx-cpu (genai native search)", "onnxruntime-genai (native search)"),
     (
@@ -297,6 +307,14 @@ def onnx_summary(folder: Path) -> dict:
 
 
 def run_runner(spec: dict, vocab: int, threads: int, n: int, gen: int, repeats: int) -> dict:
+    if spec["kind"] == "worker":  # our session: `pit-export bench`'s own worker, one configuration, in our venv
+        env = os.environ | {"OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
+        cmd = [sys.executable, "-m", "pit_export.bench", json.dumps([str(spec["path"]), threads, n, gen, repeats])]
+        p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+        lines = p.stdout.strip().splitlines()
+        if p.returncode != 0 or not lines:
+            return {"threads": threads, "prompt_len": n, "error": (p.stderr.strip().splitlines() or ["no output"])[-5:]}
+        return json.loads(lines[-1])
     args = dict(
         kind=spec["kind"],
         path=str(spec["path"]),

@@ -505,7 +505,8 @@ def render_peers(name: str, d: dict) -> str:
         "## Timed artifacts",
         "",
         "how: `bench` = `pit-export bench`; `runner` = `benchmarks/peer_runner.py` in the peer's venv (the same timing "
-        "loop). MB = deployed model files (`deployed_bytes`) / 10^6.",
+        "loop), or `pit-export bench`'s worker for ours (kind `worker`), each configuration of every runner artifact "
+        "in turn. MB = deployed model files (`deployed_bytes`) / 10^6.",
         "",
         *table(["artifact", "what", "how", "MB"], desc),
         "",

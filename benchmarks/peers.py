@@ -237,7 +237,7 @@ def timed_artifacts(work: Path) -> dict:
             "pit-export onnx-cpu preset: 8da4w (int4 MatMulNBits, int8 compute), shared-z, fused graph "
             "(GroupQueryAttention, SkipSimplifiedLayerNormalization; ONNX Runtime session, KV bound in place)",
         ),
-        "ours onnx-cpu (session, in turn)": dict(
+        "ours onnx-cpu (our session in turn)": dict(
             backend="onnx",
             how="runner",
             kind="worker",
@@ -263,7 +263,7 @@ PAIRS = [
     ("executorch: both 4-bit embedding (group 32)", "ours android", "optimum-executorch emb4"),
     ("executorch: same runner", "ours android (peer runner)", "optimum-executorch"),
     ("onnx: presets (our ORT session vs genai)", "ours onnx-cpu", "onnxruntime-genai"),
-    ("onnx: our ORT session vs genai, in turn", "ours onnx-cpu (session, in turn)", "onnxruntime-genai"),
+    ("onnx: our ORT session vs genai, in turn", "ours onnx-cpu (our session in turn)", "onnxruntime-genai"),
     ("onnx: both in genai, same runner", "ours onnx-cpu (genai runner)", "onnxruntime-genai"),
     ("onnx: both in genai, native search", "ours onnx-cpu (genai native search)", "onnxruntime-genai (native search)"),
     (

@@ -308,13 +308,13 @@ def onnx_summary(folder: Path) -> dict:
 
 def run_runner(spec: dict, vocab: int, threads: int, n: int, gen: int, repeats: int) -> dict:
     if spec["kind"] == "worker":  # our session: `pit-export bench`'s own worker, one configuration, in our venv
-        env = os.environ | {"OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
-        cmd = [sys.executable, "-m", "pit_export.bench", json.dumps([str(spec["path"]), threads, n, gen, repeats])]
-        p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
-        lines = p.stdout.strip().splitlines()
-        if p.returncode != 0 or not lines:
-            return {"threads": threads, "prompt_len": n, "error": (p.stderr.strip().splitlines() or ["no output"])[-5:]}
-        return json.loads(lines[-1])
+        from pit_export.bench import measure_in_subprocess, to_dicts
+        from pit_export.errors import PitError
+
+        try:
+            return to_dicts([measure_in_subprocess(Path(spec["path"]), threads, n, gen, repeats)])[0]
+        except PitError as e:
+            return {"threads": threads, "prompt_len": n, "error": [str(e)]}
     args = dict(
         kind=spec["kind"],
         path=str(spec["path"]),
